@@ -1,0 +1,5 @@
+"""``python -m medsegdiff_bundle <verb>``."""
+
+from .cli import main
+
+main()

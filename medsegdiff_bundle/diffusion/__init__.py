@@ -1,0 +1,29 @@
+"""Diffusion process: label encoding, schedulers and samplers, ensemble fusion, training objective."""
+
+from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
+from .labels import channel_to_class_probs, label_to_x0, mask_channels, probs_to_label, validate_label, x0_to_probs
+from .losses import MedSegDiffLoss
+from .sampler import DiffusionSampler, SampleResult
+from .schedulers import SAMPLERS, DPMSolverPPScheduler, TrailingDDIMScheduler, make_scheduler
+from .training import diffusion_forward
+
+__all__ = [
+    "FUSIONS",
+    "SAMPLERS",
+    "UNCERTAINTIES",
+    "DPMSolverPPScheduler",
+    "DiffusionSampler",
+    "MedSegDiffLoss",
+    "SampleResult",
+    "TrailingDDIMScheduler",
+    "channel_to_class_probs",
+    "diffusion_forward",
+    "fuse",
+    "label_to_x0",
+    "make_scheduler",
+    "mask_channels",
+    "probs_to_label",
+    "uncertainty",
+    "validate_label",
+    "x0_to_probs",
+]

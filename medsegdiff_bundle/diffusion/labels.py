@@ -1,0 +1,70 @@
+"""Mask <-> diffusion-space encoding (method doc section 6, item 10).
+
+* binary (``num_classes == 2``): one foreground channel, ``x0 = 2 * fg - 1``.
+* multi-class: ``num_classes`` one-hot channels including background, ``x0 = 2 * onehot - 1``.
+
+Decoding maps ``x0`` back to per-class probabilities with ``num_classes`` channels in both cases
+(binary: ``[1 - p, p]``), so that ``argmax`` over channels is the label map either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mask_channels", "validate_label", "label_to_x0", "x0_to_probs", "channel_to_class_probs", "probs_to_label"]
+
+
+def mask_channels(num_classes: int) -> int:
+    """Channels the diffusion runs on: 1 for binary, ``num_classes`` otherwise."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def validate_label(label: torch.Tensor, num_classes: int, name: str = "label") -> torch.Tensor:
+    """Check an integer label map ``(B, 1, *S)`` and return it as ``long``.
+
+    Raises:
+        ValueError: when it has more than one channel, non-integer values, or values outside ``[0, num_classes)``.
+    """
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"{name} must be a label map of shape (B, 1, *spatial), got {tuple(label.shape)}.")
+    if label.is_floating_point() and not torch.equal(label, label.round()):
+        raise ValueError(f"{name} holds non-integer values; expected class indices 0..{num_classes - 1}.")
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"{name} values span [{lo}, {hi}] but num_classes={num_classes} allows 0..{num_classes - 1}."
+        )
+    return label.long()
+
+
+def label_to_x0(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label map ``(B, 1, *S)`` -> clean diffusion sample ``x0 (B, M, *S)`` in ``{-1, 1}``."""
+    label = validate_label(label, num_classes)
+    if num_classes == 2:
+        onehot = label.float()
+    else:
+        onehot = F.one_hot(label[:, 0], num_classes).movedim(-1, 1).float()
+    return onehot * 2.0 - 1.0
+
+
+def x0_to_probs(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Predicted ``x0 (B, M, *S)`` -> class probabilities ``(B, num_classes, *S)``.
+
+    ``p = clamp((x0 + 1) / 2, 0, 1)``; multi-class channels are renormalised to sum to one.
+    """
+    return channel_to_class_probs(((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0), num_classes)
+
+
+def channel_to_class_probs(p: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-channel probabilities ``(B, M, *S)`` in ``[0, 1]`` -> class probabilities ``(B, num_classes, *S)``."""
+    if num_classes == 2:
+        return torch.cat([1.0 - p, p], dim=1)
+    total = p.sum(dim=1, keepdim=True)
+    # where every channel is 0, fall back to uniform rather than dividing by zero
+    return torch.where(total > 1e-6, p / total.clamp_min(1e-6), torch.full_like(p, 1.0 / num_classes))
+
+
+def probs_to_label(probs: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(B, K, *S)`` -> label map ``(B, 1, *S)`` (argmax; 0.5 threshold for binary)."""
+    return probs.argmax(dim=1, keepdim=True)

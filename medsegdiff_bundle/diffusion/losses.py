@@ -1,0 +1,64 @@
+"""Training objective of MedSegDiff-V2 (method doc E1)::
+
+    L_t = MSE(eps_hat, eps) + [t mod alpha == 0] * (Dice(anchor) + beta * CE(anchor))
+
+The anchor term supervises the condition model's segmentation head; the indicator is applied per sample.
+Binary tasks use sigmoid Dice + BCE, multi-class softmax Dice + CE (MONAI ``DiceCELoss``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+from .labels import validate_label
+
+__all__ = ["MedSegDiffLoss"]
+
+
+class MedSegDiffLoss(nn.Module):
+    """Noise MSE plus the anchor Dice + CE loss.
+
+    Args:
+        num_classes: classes including background.
+        alpha: supervise the anchor on samples whose timestep is a multiple of ``alpha`` (1 = always).
+        beta: weight of the CE term inside the anchor loss.
+        anchor_weight: overall weight of the anchor loss.
+
+    ``forward(noise_pred, noise (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,))``
+    returns a dict with ``loss`` (to back-propagate), ``noise`` and ``anchor`` (detached, for logging).
+    """
+
+    def __init__(self, num_classes: int, alpha: int = 1, beta: float = 1.0, anchor_weight: float = 1.0) -> None:
+        super().__init__()
+        if alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {alpha}.")
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.anchor_weight = anchor_weight
+        binary = num_classes == 2
+        self.anchor_loss = DiceCELoss(
+            sigmoid=binary, softmax=not binary, to_onehot_y=not binary, lambda_dice=1.0, lambda_ce=beta
+        )
+
+    def forward(
+        self,
+        noise_pred: torch.Tensor,
+        noise: torch.Tensor,
+        anchor_logits: torch.Tensor,
+        label: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        label = validate_label(label, self.num_classes)
+        noise_loss = F.mse_loss(noise_pred.float(), noise.float())
+        selected = (timesteps % self.alpha) == 0
+        anchor = noise_loss.new_zeros(())
+        if bool(selected.any()):
+            target = label.float() if self.num_classes == 2 else label
+            anchor = self.anchor_loss(anchor_logits[selected].float(), target[selected])
+            # mean over the batch of indicator * L_i  ==  (fraction selected) * mean over the selected samples
+            anchor = anchor * selected.float().mean()
+        total = noise_loss + self.anchor_weight * anchor
+        return {"loss": total, "noise": noise_loss.detach(), "anchor": anchor.detach()}

@@ -1,0 +1,119 @@
+"""The sampling loop: condition once, denoise an ensemble in one batch, fuse, measure uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..networks.medsegdiff import MedSegDiffV2
+from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
+from .labels import channel_to_class_probs, x0_to_probs
+from .schedulers import SAMPLERS, make_scheduler
+
+__all__ = ["SampleResult", "DiffusionSampler"]
+
+
+@dataclass
+class SampleResult:
+    """Output of :class:`DiffusionSampler`.
+
+    Attributes:
+        probs: fused class probabilities ``(B, K, *S)``.
+        uncertainty: ``(B, 1, *S)`` disagreement of the members.
+        members: per-member class probabilities ``(N, B, K, *S)``.
+        anchor: condition-model probabilities ``(B, K, *S)`` (the coarse anchor segmentation).
+    """
+
+    probs: torch.Tensor
+    uncertainty: torch.Tensor
+    members: torch.Tensor
+    anchor: torch.Tensor
+
+
+class DiffusionSampler:
+    """Sample segmentations from a trained :class:`MedSegDiffV2`.
+
+    The condition UNet runs once per image; its features are repeated for the ``ensemble`` members, which are
+    denoised together as one batch of ``B * ensemble``.
+
+    Args:
+        sampler: ``"dpmpp"`` (DPM-Solver++ 2M, default), ``"ddim"`` or ``"ddpm"`` (full chain only).
+        steps: number of network evaluations; in ``[1, num_train_timesteps]``; ``ddpm`` needs all of them.
+        ensemble: members per image ``N``.
+        fusion: ``"mean"`` or ``"staple"`` (binary only).
+        uncertainty: ``"std"`` or ``"entropy"``.
+        num_train_timesteps: ``T`` the model was trained with.
+        schedule: the training noise schedule (a MONAI ``NoiseSchedules`` name).
+        seed: seed of the initial noise (and DDPM's per-step noise); ``None`` uses the global RNG.
+        schedule_args: passed to the schedule.
+    """
+
+    def __init__(
+        self,
+        sampler: str = "dpmpp",
+        steps: int = 20,
+        ensemble: int = 5,
+        fusion: str = "mean",
+        uncertainty: str = "std",
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        seed: int | None = 0,
+        **schedule_args,
+    ) -> None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+        if sampler == "ddpm" and steps != num_train_timesteps:
+            raise ValueError(
+                f"the DDPM sampler walks the full chain: steps must equal num_train_timesteps={num_train_timesteps}, "
+                f"got {steps}; use 'ddim' or 'dpmpp' for fewer steps."
+            )
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}.")
+        if uncertainty not in UNCERTAINTIES:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTIES}, got {uncertainty!r}.")
+        self.sampler = sampler
+        self.steps = steps
+        self.ensemble = ensemble
+        self.fusion = fusion
+        self.uncertainty = uncertainty
+        self.seed = seed
+        self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, **schedule_args)
+        self.scheduler.set_timesteps(steps)
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    @torch.no_grad()
+    def __call__(self, network: MedSegDiffV2, image: torch.Tensor) -> SampleResult:
+        """Sample ``image (B, C_in, *S)`` -> :class:`SampleResult`."""
+        b, n = image.shape[0], self.ensemble
+        cond = network.condition(image)
+        anchor_probs = channel_to_class_probs(cond.anchor, network.num_classes)
+        cond = cond.repeat(n)
+        generator = self._generator(image.device)
+        x = torch.randn(
+            (b * n, network.mask_channels, *image.shape[2:]), generator=generator, device=image.device, dtype=image.dtype
+        )
+        self.scheduler.set_timesteps(self.steps)  # resets multistep state
+        x0 = x
+        for t in self.scheduler.timesteps.tolist():
+            eps = network.denoise(x, torch.full((b * n,), t, device=image.device, dtype=torch.long), cond)
+            if self.sampler == "ddpm":
+                x, x0 = self.scheduler.step(eps, t, x, generator=generator)
+            else:
+                x, x0 = self.scheduler.step(eps, t, x)
+        # the last step's predicted x0 is the sample (DDPM's and DPM-Solver++'s last step return it as x too;
+        # DDIM with T % steps != 0 would otherwise stop at a small t > 0)
+        probs = x0_to_probs(x0, network.num_classes)
+        members = probs.reshape(b, n, *probs.shape[1:]).transpose(0, 1)
+        return SampleResult(
+            probs=fuse(members, self.fusion),
+            uncertainty=uncertainty(members, self.uncertainty),
+            members=members,
+            anchor=anchor_probs,
+        )

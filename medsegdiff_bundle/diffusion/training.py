@@ -1,0 +1,47 @@
+"""One diffusion training step's forward pass: noise the label, predict the noise, compute the loss.
+
+Kept free of optimiser and engine code so that the plain demo loop and MONAI's ``SupervisedTrainer``
+iteration share it.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import Scheduler
+
+from ..networks.medsegdiff import MedSegDiffV2
+from .labels import label_to_x0
+from .losses import MedSegDiffLoss
+
+__all__ = ["diffusion_forward"]
+
+
+def diffusion_forward(
+    network: MedSegDiffV2,
+    scheduler: Scheduler,
+    loss_fn: MedSegDiffLoss,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sample ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` per sample, noise the encoded label and return the loss dict.
+
+    Args:
+        network: the MedSegDiff-V2 model.
+        scheduler: any MONAI scheduler holding the training noise schedule (``add_noise``).
+        loss_fn: the objective.
+        image: ``(B, C_in, *S)``.
+        label: integer label map ``(B, 1, *S)``.
+        generator: optional RNG for ``t`` and ``eps`` (reproducible training).
+    """
+    if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
+        raise ValueError(
+            f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in batch or spatial size."
+        )
+    x0 = label_to_x0(label, network.num_classes).to(image.dtype)
+    b = image.shape[0]
+    timesteps = torch.randint(0, scheduler.num_train_timesteps, (b,), device=image.device, generator=generator)
+    noise = torch.randn(x0.shape, device=image.device, dtype=x0.dtype, generator=generator)
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    noise_pred, anchor_logits = network(x_t, image, timesteps)
+    return loss_fn(noise_pred, noise, anchor_logits, label, timesteps)

@@ -1,0 +1,102 @@
+"""Pictures a person would rather see than read: overlays, uncertainty maps, training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["representative_slice", "save_overlay", "save_training_curves"]
+
+
+def representative_slice(label: np.ndarray) -> int:
+    """Index along the last axis of a 3D label ``(H, W, D)`` with the most foreground (the middle if none)."""
+    counts = (label > 0).reshape(-1, label.shape[-1]).sum(axis=0)
+    return int(counts.argmax()) if counts.max() > 0 else label.shape[-1] // 2
+
+
+def _to_display(image: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> ``(H, W)`` or ``(H, W, 3)`` scaled to ``[0, 1]`` for display."""
+    img = image[:3] if image.shape[0] >= 3 else image[:1]
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1)
+    return np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0]
+
+
+def save_overlay(
+    path: str | Path,
+    image: np.ndarray,
+    prediction: np.ndarray,
+    reference: np.ndarray | None = None,
+    uncertainty: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """Save a PNG with panels: image, prediction contours (and reference), uncertainty heat map.
+
+    Args:
+        path: output PNG.
+        image: ``(C, H, W)`` or ``(C, H, W, D)``; 3D is shown at the slice with most predicted/reference foreground.
+        prediction: label map ``(H, W[, D])``.
+        reference: optional ground truth, same shape.
+        uncertainty: optional map, same shape.
+        title: figure title (e.g. case id and Dice).
+    """
+    if prediction.ndim == 3:
+        z = representative_slice(reference if reference is not None and reference.any() else prediction)
+        image, prediction = image[..., z], prediction[..., z]
+        reference = None if reference is None else reference[..., z]
+        uncertainty = None if uncertainty is None else uncertainty[..., z]
+    disp = _to_display(image)
+    panels = 2 + (uncertainty is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4))
+    axes[0].imshow(disp, cmap="gray")
+    axes[0].set_title("image")
+    axes[1].imshow(disp, cmap="gray")
+    labels = [c for c in np.unique(prediction) if c > 0]
+    if reference is not None:
+        labels = sorted(set(labels) | {c for c in np.unique(reference) if c > 0})
+    for c in labels:
+        colour = plt.cm.tab10((c - 1) % 10)
+        if (prediction == c).any():
+            axes[1].contour(prediction == c, levels=[0.5], colors=[colour], linewidths=1.5)
+        if reference is not None and (reference == c).any():
+            axes[1].contour(reference == c, levels=[0.5], colors=[colour], linewidths=1.0, linestyles="dashed")
+    axes[1].set_title("prediction (solid) / reference (dashed)" if reference is not None else "prediction", fontsize=8)
+    if uncertainty is not None:
+        im = axes[2].imshow(uncertainty, cmap="magma")
+        axes[2].set_title("ensemble uncertainty")
+        fig.colorbar(im, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]], x_key: str = "iteration") -> Path:
+    """Plot every series in ``history`` (except ``x_key``) against ``x_key`` on a log y-axis."""
+    x = history[x_key]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, values in history.items():
+        if key != x_key:
+            ax.plot(x, values, label=key, linewidth=1)
+    ax.set_xlabel(x_key)
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,119 @@
+"""Residual building blocks shared by the condition UNet and the diffusion UNet.
+
+All blocks are dimension-agnostic: ``spatial_dims`` picks Conv2d/Conv3d, and feature maps are
+``(B, C, *spatial)`` with ``len(spatial) == spatial_dims``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+__all__ = ["group_norm", "conv", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
+
+
+def group_norm(channels: int, num_groups: int = 8) -> nn.GroupNorm:
+    """GroupNorm whose group count divides ``channels`` (tiny test widths stay valid)."""
+    return nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
+
+
+def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Module:
+    """Same-padded ``spatial_dims``-D convolution."""
+    return Conv[Conv.CONV, spatial_dims](
+        in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2
+    )
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block, optionally modulated by a time embedding (AdaGN scale-shift).
+
+    ``x -> GN -> SiLU -> conv -> GN -> [*(1+scale)+shift] -> SiLU -> dropout -> conv (+ skip)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the input ``(B, in_channels, *S)``.
+        out_channels: channels of the output ``(B, out_channels, *S)``.
+        temb_channels: width of the time embedding ``(B, temb_channels)``; ``None`` for a block without one
+            (the condition UNet has no timestep input).
+        norm_num_groups: GroupNorm groups (reduced to a divisor of the width when needed).
+        dropout: dropout before the second convolution.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None = None,
+        norm_num_groups: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_num_groups)
+        self.conv1 = conv(spatial_dims, in_channels, out_channels)
+        self.norm2 = group_norm(out_channels, norm_num_groups)
+        self.time_proj = nn.Linear(temb_channels, 2 * out_channels) if temb_channels else None
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv(spatial_dims, out_channels, out_channels)
+        self.skip = (
+            nn.Identity() if in_channels == out_channels else conv(spatial_dims, in_channels, out_channels, kernel_size=1)
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.time_proj is not None:
+            if temb is None:
+                raise ValueError("this ResBlock was built with a time embedding; pass `temb`.")
+            scale, shift = self.time_proj(F.silu(temb)).chunk(2, dim=1)
+            shape = scale.shape + (1,) * (h.ndim - 2)
+            h = h * (1 + scale.view(shape)) + shift.view(shape)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return h + self.skip(x)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3(x3) convolution halving every spatial size: ``(B, C_in, *S) -> (B, C_out, *S/2)``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = conv(spatial_dims, in_channels, out_channels, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3(x3) convolution: ``(B, C_in, *S) -> (B, C_out, *2S)``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = conv(spatial_dims, in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal timestep embedding (MONAI's ``get_timestep_embedding``) followed by a 2-layer MLP.
+
+    Args:
+        base_channels: width of the sinusoidal features.
+        embed_channels: output width ``D_t``; ``timesteps (B,) -> (B, D_t)``.
+    """
+
+    def __init__(self, base_channels: int, embed_channels: int) -> None:
+        super().__init__()
+        self.base_channels = base_channels
+        self.mlp = nn.Sequential(
+            nn.Linear(base_channels, embed_channels), nn.SiLU(), nn.Linear(embed_channels, embed_channels)
+        )
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        emb = get_timestep_embedding(timesteps, self.base_channels)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
