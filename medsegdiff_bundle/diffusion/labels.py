@@ -30,6 +30,8 @@ def validate_label(label: torch.Tensor, num_classes: int, name: str = "label") -
         raise ValueError(f"{name} must be a label map of shape (B, 1, *spatial), got {tuple(label.shape)}.")
     if label.is_floating_point() and not torch.equal(label, label.round()):
         raise ValueError(f"{name} holds non-integer values; expected class indices 0..{num_classes - 1}.")
+    if label.is_floating_point() and not bool(torch.isfinite(label).all()):
+        raise ValueError(f"{name} holds non-finite values (inf/NaN); expected class indices 0..{num_classes - 1}.")
     lo, hi = int(label.min()), int(label.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(

@@ -46,7 +46,7 @@ class DPMSolverPPScheduler(Scheduler):
     * first order:  ``x_s = (sigma_s / sigma_t) x_t - alpha_s (exp(-h) - 1) x0_t``
     * second order: same with ``D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev``, ``r = h_prev / h``.
 
-    Timesteps are ``n`` points of ``linspace(T-1, 0, n+1)`` (the last, 0, is excluded); the final step goes to
+    Timesteps are ``round(T - 1 - i * T / n)`` for ``i < n`` (trailing spacing); the final step goes to
     the clean sample (``sigma = 0``) and is first order, so it returns the model's denoised ``x0`` and never leaves
     an uncorrected last step. ``x0`` is clipped to ``[-1, 1]`` (masks live there).
 
@@ -78,7 +78,9 @@ class DPMSolverPPScheduler(Scheduler):
                 f"got {num_inference_steps}."
             )
         self.num_inference_steps = num_inference_steps
-        grid = torch.linspace(self.num_train_timesteps - 1, 0, num_inference_steps + 1)[:-1]
+        # spacing T/n >= 1 keeps the rounded times strictly decreasing; the last one is T/n - 1 >= 0
+        t = self.num_train_timesteps
+        grid = (t - 1) - torch.arange(num_inference_steps, dtype=torch.float64) * (t / num_inference_steps)
         self.timesteps = grid.round().long().to(device)
         self._prev_x0 = None
         self._prev_h = None

@@ -1,0 +1,188 @@
+"""MedSegDiff-V2 network: shapes, gradient flow, NBP-Filter behaviour, ablation switches, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler
+from medsegdiff_bundle.networks import MedSegDiffV2, NeuralBandPassFilter
+from tests.helpers import synthetic_batch, tiny_model
+
+
+@pytest.mark.parametrize(
+    "spatial_dims,num_classes,size,in_channels",
+    [(2, 2, 32, 3), (2, 4, 32, 1), (3, 2, 16, 1), (3, 3, 16, 4)],
+)
+def test_output_shapes(spatial_dims, num_classes, size, in_channels):
+    """Noise prediction and anchor logits have the mask's channels (1 for binary, K otherwise) and full size."""
+    model = tiny_model(spatial_dims, in_channels, num_classes)
+    m = 1 if num_classes == 2 else num_classes
+    assert model.mask_channels == m
+    image = torch.randn(2, in_channels, *(size,) * spatial_dims)
+    x_t = torch.randn(2, m, *(size,) * spatial_dims)
+    eps, logits = model(x_t, image, torch.tensor([0, 999]))
+    assert eps.shape == x_t.shape
+    assert logits.shape == x_t.shape
+    cond = model.condition(image)
+    assert cond.semantic.shape == (2, 32, *(size // 4,) * spatial_dims)
+    assert torch.allclose(model.denoise(x_t, torch.tensor([0, 999]), cond), eps)
+
+
+def test_any_width_and_depth():
+    """Widths and depth are whatever the caller asks for (no hard-coded 128 channels)."""
+    model = MedSegDiffV2(2, 3, 2, channels=(12, 24, 48, 96, 96), num_res_blocks=2)
+    eps, _ = model(torch.randn(1, 1, 32, 32), torch.randn(1, 3, 32, 32), torch.tensor([5]))
+    assert eps.shape == (1, 1, 32, 32)
+    assert model.divisor == 16
+
+
+def _one_backward(model: MedSegDiffV2, spatial_dims: int = 2, size: int = 32):
+    image, label = synthetic_batch(2, size, spatial_dims, model.num_classes, model.in_channels)
+    loss = diffusion_forward(model, make_scheduler("ddpm"), MedSegDiffLoss(model.num_classes), image, label)["loss"]
+    loss.backward()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gradients_reach_every_part(spatial_dims):
+    """One backward pass puts non-zero gradients on C, the Gaussian's centre and width, the U-SA gate, the
+    SS-Former and the NBP-Filter's output layer."""
+    model = tiny_model(spatial_dims, 1 if spatial_dims == 3 else 3)
+    _one_backward(model, spatial_dims, 32 if spatial_dims == 2 else 16)
+
+    def nonzero(p):
+        return p.grad is not None and p.grad.abs().sum() > 0
+
+    assert all(nonzero(p) for n, p in model.condition_unet.named_parameters() if "weight" in n)
+    assert nonzero(model.anchor.smooth.mu) and nonzero(model.anchor.smooth.log_sigma)
+    assert nonzero(model.anchor.gate.weight)
+    block = model.ssformer.blocks[0]
+    for unit in (block.attn_noise_to_sem, block.attn_sem_to_noise):
+        assert nonzero(unit.to_q.weight) and nonzero(unit.to_k.weight) and nonzero(unit.to_out.weight)
+        assert nonzero(unit.nbp.w_out.weight)
+    assert nonzero(block.ffn_noise[1].weight) and nonzero(block.ffn_sem[1].weight)
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (8, 8)), (2, (7, 5)), (3, (4, 6, 5))])
+def test_nbp_filter_is_identity_at_init(spatial_dims, shape):
+    """H(omega, tau) == 1 everywhere at initialisation, for any timestep embedding and grid (odd sizes too)."""
+    nbp = NeuralBandPassFilter(channels=16, temb_channels=32, spatial_dims=spatial_dims)
+    mask = nbp(torch.randn(3, 32) * 5, shape)
+    freq = (*shape[:-1], shape[-1] // 2 + 1)
+    assert mask.shape == (3, 16, *freq)
+    assert torch.equal(mask, torch.ones_like(mask))
+
+
+def test_nbp_filter_depends_on_timestep_after_a_training_step():
+    """After one optimiser step on the diffusion loss the filter is no longer 1 and differs between timesteps."""
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _one_backward(model)
+    opt.step()
+    nbp = model.ssformer.blocks[0].attn_sem_to_noise.nbp
+    with torch.no_grad():
+        tau = model.time_embed(torch.tensor([10, 900]))
+        mask = nbp(tau, (8, 8))
+    assert not torch.allclose(mask, torch.ones_like(mask))
+    assert (mask[0] - mask[1]).abs().max() > 1e-6
+
+
+def _shared_weights(src: MedSegDiffV2, dst: MedSegDiffV2) -> MedSegDiffV2:
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+    assert not missing, f"ablated model has parameters the full one lacks: {missing}"
+    return dst
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _perturb_zero_inits(model: MedSegDiffV2) -> None:
+    """Give zero-initialised layers (NBP output) non-trivial values, as training would."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, NeuralBandPassFilter):
+            torch.nn.init.normal_(m.w_out.weight, std=0.5)
+
+
+@pytest.mark.parametrize(
+    "full,ablated",
+    [
+        ({"anchor": "usa"}, {"anchor": "sa"}),
+        ({"anchor": "sa"}, {"anchor": "none"}),
+        ({"semantic": "ssformer"}, {"semantic": "ssformer_nofilter"}),
+        ({"semantic": "ssformer_nofilter"}, {"semantic": "none"}),
+    ],
+)
+def test_ablation_switch_removes_its_module(full, ablated):
+    """Each switch drops parameters, and with all shared weights equal the outputs differ."""
+    big = tiny_model(**full)
+    _perturb_zero_inits(big)
+    small = _shared_weights(big, tiny_model(**ablated))
+    assert _params(small) < _params(big)
+    image, x_t = torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        assert not torch.allclose(big(x_t, image, t)[0], small(x_t, image, t)[0], atol=1e-6)
+    if ablated.get("anchor") == "none":
+        assert small.anchor is None
+    if ablated.get("semantic") == "none":
+        assert small.ssformer is None
+    if ablated.get("semantic") == "ssformer_nofilter":
+        assert all(b.attn_sem_to_noise.nbp is None for b in small.ssformer.blocks)
+
+
+def test_nofilter_equals_filter_at_init():
+    """With H == 1 at initialisation the SS-Former with and without NBP-Filter compute the same thing."""
+    big = tiny_model(semantic="ssformer")
+    small = _shared_weights(big, tiny_model(semantic="ssformer_nofilter"))
+    image, x_t = torch.randn(1, 3, 32, 32), torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(big(x_t, image, torch.tensor([3]))[0], small(x_t, image, torch.tensor([3]))[0], atol=1e-5)
+
+
+def test_usa_gate_shapes_and_residual():
+    """The U-SA output is f_d * (1 + sigmoid(.)): between f_d and 2 f_d for positive features."""
+    model = tiny_model()
+    feature = torch.rand(2, 8, 32, 32) + 0.1
+    out = model.anchor(feature, torch.rand(2, 1, 32, 32))
+    assert out.shape == feature.shape
+    assert torch.all(out > feature) and torch.all(out < 2 * feature)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"image": torch.randn(1, 2, 32, 32)}, "image has 2 channels, the network expects 3"),
+        ({"image": torch.randn(1, 3, 30, 32)}, "not divisible by 4"),
+        ({"image": torch.randn(1, 3, 32, 32, 32)}, "spatial_dims=2"),
+        ({"x_t": torch.randn(1, 1, 16, 16)}, "differ in batch or spatial size"),
+        ({"x_t": torch.randn(1, 2, 32, 32)}, "noisy mask x_t has 2 channels"),
+    ],
+)
+def test_bad_input_is_refused(bad, match):
+    """Wrong channels, wrong dimensionality, mismatched sizes and indivisible sizes give clear errors."""
+    model = tiny_model()
+    inputs = {"x_t": torch.randn(1, 1, 32, 32), "image": torch.randn(1, 3, 32, 32)}
+    inputs.update(bad)
+    with pytest.raises(ValueError, match=match):
+        model(inputs["x_t"], inputs["image"], torch.tensor([1]))
+
+
+def test_bad_label_is_refused():
+    """Labels outside the class range and label/image size mismatch are refused before the forward pass."""
+    model = tiny_model(num_classes=3)
+    image = torch.randn(2, 3, 32, 32)
+    sched, loss = make_scheduler("ddpm"), MedSegDiffLoss(3)
+    with pytest.raises(ValueError, match=r"values span \[3, 3\] but num_classes=3 allows 0..2"):
+        diffusion_forward(model, sched, loss, image, torch.full((2, 1, 32, 32), 3))
+    with pytest.raises(ValueError, match="differ in batch or spatial size"):
+        diffusion_forward(model, sched, loss, image, torch.zeros(2, 1, 16, 16, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"anchor": "gauss"}, "anchor must be one of"),
+                                          ({"semantic": "fft"}, "semantic must be one of"),
+                                          ({"num_classes": 1}, "num_classes counts the background")])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MedSegDiffV2(**{"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "channels": (8, 16), **kwargs})
