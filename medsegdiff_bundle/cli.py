@@ -14,7 +14,7 @@ class CLI:
     """MedSegDiff-V2 for MONAI: diffusion-based medical image segmentation in 2D and 3D."""
 
     def demo(self, output_dir: str = "demo_output", spatial_dims: int = 2, num_classes: int = 2, iterations: int = 600,
-             sampler: str = "dpmpp", steps: int = 20, ensemble: int = 5, seed: int = 0, device: str | None = None) -> None:
+             prediction_type: str = "sample", sampler: str = "dpmpp", steps: int = 20, ensemble: int = 5, seed: int = 0, device: str | None = None) -> None:
         """Train a small model on generated data, sample held-out cases, write predictions, maps, overlays, metrics.
 
         Args:
@@ -22,6 +22,7 @@ class CLI:
             spatial_dims: 2 (RGB images, 64x64) or 3 (one-channel volumes, 32^3).
             num_classes: classes including background.
             iterations: training iterations.
+            prediction_type: network target, sample (x0) or epsilon (noise, as in the paper).
             sampler: dpmpp, ddim or ddpm.
             steps: sampler steps (ddpm needs 1000).
             ensemble: ensemble members per case.
@@ -31,7 +32,7 @@ class CLI:
         from .demo import run_demo
 
         summary = run_demo(output_dir=output_dir, spatial_dims=spatial_dims, num_classes=num_classes,
-                           iterations=iterations, sampler=sampler, steps=steps, ensemble=ensemble, seed=seed,
+                           iterations=iterations, prediction_type=prediction_type, sampler=sampler, steps=steps, ensemble=ensemble, seed=seed,
                            device=device)
         print(json.dumps(summary, indent=2))
         print(f"\nDemo Dice on {summary['output_dir']}: {summary['dice_mean']:.4f} "

@@ -59,6 +59,7 @@ def run_demo(
     channels: Sequence[int] = (16, 32, 64),
     lr: float = 2e-3,
     ema_decay: float = 0.99,
+    prediction_type: str = "sample",
     sampler: str = "dpmpp",
     steps: int = 20,
     ensemble: int = 5,
@@ -79,6 +80,7 @@ def run_demo(
         channels: UNet widths per level.
         lr: AdamW learning rate.
         ema_decay: EMA decay of the weights used for sampling.
+        prediction_type: network target, ``"sample"`` (x0) or ``"epsilon"`` (noise).
         sampler: ``dpmpp``, ``ddim`` or ``ddpm``.
         steps: sampler steps (``ddpm`` needs 1000).
         ensemble: ensemble members per image.
@@ -100,16 +102,18 @@ def run_demo(
     train_img = torch.from_numpy(np.stack([c["image"] for c in train])).to(dev)
     train_lab = torch.from_numpy(np.stack([c["label"] for c in train]).astype(np.int64)).to(dev)
 
+    sampling = DiffusionSampler(sampler, steps, ensemble, prediction_type=prediction_type, seed=seed)  # fail fast
     config = {"spatial_dims": spatial_dims, "in_channels": in_channels, "num_classes": num_classes, "channels": list(channels)}
+    diffusion_config = {"prediction_type": prediction_type, "schedule": "linear_beta", "num_train_timesteps": 1000}
     network = MedSegDiffV2(**config).to(dev)
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
-    scheduler = make_scheduler("ddpm")
+    scheduler = make_scheduler("ddpm", prediction_type=prediction_type)
     loss_fn = MedSegDiffLoss(num_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=lr * 0.05)
     generator = torch.Generator(device=dev).manual_seed(seed)
 
-    history: dict[str, list[float]] = {"iteration": [], "loss": [], "noise": [], "anchor": []}
+    history: dict[str, list[float]] = {"iteration": [], "loss": [], "diffusion": [], "anchor": []}
     network.train()
     for it in (bar := tqdm(range(iterations), desc="training", unit="it")):
         idx = torch.randint(0, train_cases, (batch_size,), generator=generator, device=dev)
@@ -121,17 +125,16 @@ def run_demo(
         lr_schedule.step()
         ema.update_parameters(network)
         history["iteration"].append(it)
-        for key in ("loss", "noise", "anchor"):
-            history[key].append(float(losses[key]))
+        for key in ("loss", "diffusion", "anchor"):
+            history[key].append(float(losses[key].detach()))
         if it % 20 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
     train_seconds = time.time() - started
     pd.DataFrame(history).to_csv(out / "training_log.csv", index=False)
     save_training_curves(out / "training_curves.png", history)
     model = ema.module.eval()
-    atomic_save({"network": model.state_dict(), "config": config}, out / "model.pt")
+    atomic_save({"network": model.state_dict(), "config": config, "diffusion": diffusion_config}, out / "model.pt")
 
-    sampling = DiffusionSampler(sampler, steps, ensemble, seed=seed)
     case_ids = [f"case_{i:03d}" for i in range(test_cases)]
     preds, uncs = [], []
     sample_started = time.time()

@@ -33,6 +33,11 @@ def test_steps_outside_training_range_are_refused(sampler, steps):
         make_scheduler(sampler, T).set_timesteps(steps)
 
 
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        make_scheduler("ddim", prediction_type="v")
+
+
 def test_ddpm_needs_the_full_chain():
     """DDPM with fewer steps would feed wrong timesteps: refused with a pointer to DDIM/DPM-Solver++."""
     with pytest.raises(ValueError, match="use 'ddim' or 'dpmpp'"):
@@ -40,10 +45,11 @@ def test_ddpm_needs_the_full_chain():
 
 
 class OracleNetwork(torch.nn.Module):
-    """Knows the true mask: returns the exact noise eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    """Knows the true mask: returns x0 itself, or the exact noise eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
 
-    def __init__(self, label: torch.Tensor, num_classes: int, schedule: str = "linear_beta") -> None:
+    def __init__(self, label: torch.Tensor, num_classes: int, schedule: str, prediction_type: str) -> None:
         super().__init__()
+        self.prediction_type = prediction_type
         self.num_classes = num_classes
         self.mask_channels = 1 if num_classes == 2 else num_classes
         self.x0 = label_to_x0(label, num_classes)
@@ -59,6 +65,8 @@ class OracleNetwork(torch.nn.Module):
     def denoise(self, x_t, timesteps, cond):
         n = x_t.shape[0] // self.x0.shape[0]
         x0 = self.x0.repeat_interleave(n, 0).double()
+        if self.prediction_type == "sample":
+            return x0.float()
         abar = self.abar[timesteps].view(-1, *([1] * (x_t.ndim - 1)))
         return ((x_t.double() - abar.sqrt() * x0) / (1 - abar).sqrt()).float()
 
@@ -66,13 +74,15 @@ class OracleNetwork(torch.nn.Module):
 @pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddim", 20), ("dpmpp", 5), ("dpmpp", 20), ("ddpm", T)])
 @pytest.mark.parametrize("num_classes", [2, 3])
 @pytest.mark.parametrize("schedule", ["linear_beta", "cosine"])
-def test_samplers_recover_the_mask_from_an_exact_denoiser(sampler, steps, num_classes, schedule):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_samplers_recover_the_mask_from_an_exact_denoiser(sampler, steps, num_classes, schedule, prediction_type):
     """With the true noise every sampler must land on the true mask (catches wrong coefficients/last steps)."""
     label = torch.zeros(2, 1, 16, 16, dtype=torch.long)
     label[0, 0, 3:9, 4:12] = 1
     label[1, 0, 8:14, 2:7] = num_classes - 1
-    net = OracleNetwork(label, num_classes, schedule)
-    result = DiffusionSampler(sampler, steps, ensemble=3, schedule=schedule, seed=1)(net, torch.zeros(2, 1, 16, 16))
+    net = OracleNetwork(label, num_classes, schedule, prediction_type)
+    sampling = DiffusionSampler(sampler, steps, ensemble=3, schedule=schedule, prediction_type=prediction_type, seed=1)
+    result = sampling(net, torch.zeros(2, 1, 16, 16))
     assert result.probs.shape == (2, num_classes, 16, 16)
     assert torch.equal(result.probs.argmax(1, keepdim=True), label)
     assert torch.allclose(result.members, result.members[:1].expand_as(result.members), atol=1e-3)
@@ -80,9 +90,10 @@ def test_samplers_recover_the_mask_from_an_exact_denoiser(sampler, steps, num_cl
     assert net.condition_calls == 1
 
 
-def test_dpmpp_first_order_step_equals_ddim():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_dpmpp_first_order_step_equals_ddim(prediction_type):
     """DPM-Solver++'s first (first-order) step is algebraically DDIM's deterministic step."""
-    ddim, dpm = make_scheduler("ddim"), make_scheduler("dpmpp")
+    ddim, dpm = make_scheduler("ddim", prediction_type=prediction_type), make_scheduler("dpmpp", prediction_type=prediction_type)
     ddim.set_timesteps(20)
     dpm.set_timesteps(20)
     x, eps = torch.randn(2, 1, 8, 8), 0.3 * torch.randn(2, 1, 8, 8)

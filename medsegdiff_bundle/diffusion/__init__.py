@@ -4,11 +4,12 @@ from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from .labels import channel_to_class_probs, label_to_x0, mask_channels, probs_to_label, validate_label, x0_to_probs
 from .losses import MedSegDiffLoss
 from .sampler import DiffusionSampler, SampleResult
-from .schedulers import SAMPLERS, DPMSolverPPScheduler, TrailingDDIMScheduler, make_scheduler
+from .schedulers import PREDICTION_TYPES, SAMPLERS, DPMSolverPPScheduler, TrailingDDIMScheduler, make_scheduler
 from .training import diffusion_forward
 
 __all__ = [
     "FUSIONS",
+    "PREDICTION_TYPES",
     "SAMPLERS",
     "UNCERTAINTIES",
     "DPMSolverPPScheduler",

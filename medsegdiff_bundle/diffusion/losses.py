@@ -2,6 +2,8 @@
 
     L_t = MSE(eps_hat, eps) + [t mod alpha == 0] * (Dice(anchor) + beta * CE(anchor))
 
+(with ``prediction_type="sample"``, our default, the first term is ``MSE(x0_hat, x0)``).
+
 The anchor term supervises the condition model's segmentation head; the indicator is applied per sample.
 Binary tasks use sigmoid Dice + BCE, multi-class softmax Dice + CE (MONAI ``DiceCELoss``).
 """
@@ -19,7 +21,7 @@ __all__ = ["MedSegDiffLoss"]
 
 
 class MedSegDiffLoss(nn.Module):
-    """Noise MSE plus the anchor Dice + CE loss.
+    """Diffusion regression MSE (noise or x0) plus the anchor Dice + CE loss.
 
     Args:
         num_classes: classes including background.
@@ -27,8 +29,8 @@ class MedSegDiffLoss(nn.Module):
         beta: weight of the CE term inside the anchor loss.
         anchor_weight: overall weight of the anchor loss.
 
-    ``forward(noise_pred, noise (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,))``
-    returns a dict with ``loss`` (to back-propagate), ``noise`` and ``anchor`` (detached, for logging).
+    ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,))``
+    returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor`` (detached, for logging).
     """
 
     def __init__(self, num_classes: int, alpha: int = 1, beta: float = 1.0, anchor_weight: float = 1.0) -> None:
@@ -45,20 +47,20 @@ class MedSegDiffLoss(nn.Module):
 
     def forward(
         self,
-        noise_pred: torch.Tensor,
-        noise: torch.Tensor,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
         anchor_logits: torch.Tensor,
         label: torch.Tensor,
         timesteps: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         label = validate_label(label, self.num_classes)
-        noise_loss = F.mse_loss(noise_pred.float(), noise.float())
+        diffusion_loss = F.mse_loss(prediction.float(), target.float())
         selected = (timesteps % self.alpha) == 0
-        anchor = noise_loss.new_zeros(())
+        anchor = diffusion_loss.new_zeros(())
         if bool(selected.any()):
             target = label.float() if self.num_classes == 2 else label
             anchor = self.anchor_loss(anchor_logits[selected].float(), target[selected])
             # mean over the batch of indicator * L_i  ==  (fraction selected) * mean over the selected samples
             anchor = anchor * selected.float().mean()
-        total = noise_loss + self.anchor_weight * anchor
-        return {"loss": total, "noise": noise_loss.detach(), "anchor": anchor.detach()}
+        total = diffusion_loss + self.anchor_weight * anchor
+        return {"loss": total, "diffusion": diffusion_loss.detach(), "anchor": anchor.detach()}

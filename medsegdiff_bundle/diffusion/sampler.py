@@ -45,6 +45,7 @@ class DiffusionSampler:
         uncertainty: ``"std"`` or ``"entropy"``.
         num_train_timesteps: ``T`` the model was trained with.
         schedule: the training noise schedule (a MONAI ``NoiseSchedules`` name).
+        prediction_type: what the network was trained to predict, ``"sample"`` (x0, default) or ``"epsilon"``.
         seed: seed of the initial noise (and DDPM's per-step noise); ``None`` uses the global RNG.
         schedule_args: passed to the schedule.
     """
@@ -58,6 +59,7 @@ class DiffusionSampler:
         uncertainty: str = "std",
         num_train_timesteps: int = 1000,
         schedule: str = "linear_beta",
+        prediction_type: str = "sample",
         seed: int | None = 0,
         **schedule_args,
     ) -> None:
@@ -80,7 +82,7 @@ class DiffusionSampler:
         self.fusion = fusion
         self.uncertainty = uncertainty
         self.seed = seed
-        self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, **schedule_args)
+        self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.scheduler.set_timesteps(steps)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:

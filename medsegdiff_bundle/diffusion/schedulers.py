@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 
-__all__ = ["TrailingDDIMScheduler", "DPMSolverPPScheduler", "make_scheduler", "SAMPLERS"]
+__all__ = ["TrailingDDIMScheduler", "DPMSolverPPScheduler", "make_scheduler", "SAMPLERS", "PREDICTION_TYPES"]
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
+PREDICTION_TYPES = ("epsilon", "sample")
 
 
 class TrailingDDIMScheduler(DDIMScheduler):
@@ -54,6 +55,7 @@ class DPMSolverPPScheduler(Scheduler):
         num_train_timesteps: ``T``.
         schedule: a member of MONAI's ``NoiseSchedules``.
         clip_sample: clip predicted ``x0`` to ``[-1, 1]``.
+        prediction_type: what the network predicts, ``"epsilon"`` (noise) or ``"sample"`` (``x0``).
         schedule_args: passed to the schedule function.
     """
 
@@ -62,10 +64,14 @@ class DPMSolverPPScheduler(Scheduler):
         num_train_timesteps: int = 1000,
         schedule: str = "linear_beta",
         clip_sample: bool = True,
+        prediction_type: str = "epsilon",
         **schedule_args,
     ) -> None:
         super().__init__(num_train_timesteps, schedule, **schedule_args)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
         self.clip_sample = clip_sample
+        self.prediction_type = prediction_type
         self._prev_x0: torch.Tensor | None = None
         self._prev_h: torch.Tensor | None = None
         self.set_timesteps(20)
@@ -105,7 +111,10 @@ class DPMSolverPPScheduler(Scheduler):
         """
         timestep = int(timestep)
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(timestep)
-        x0 = (sample - sigma_t.to(sample.dtype) * model_output) / alpha_t.to(sample.dtype)
+        if self.prediction_type == "sample":
+            x0 = model_output
+        else:
+            x0 = (sample - sigma_t.to(sample.dtype) * model_output) / alpha_t.to(sample.dtype)
         if self.clip_sample:
             x0 = x0.clamp(-1.0, 1.0)
         nxt = self._next_timestep(timestep)
@@ -127,13 +136,21 @@ def make_scheduler(
     sampler: str,
     num_train_timesteps: int = 1000,
     schedule: str = "linear_beta",
+    prediction_type: str = "sample",
     **schedule_args,
 ) -> Scheduler:
-    """Build the scheduler for ``sampler`` in ``("ddpm", "ddim", "dpmpp")`` on a shared noise schedule."""
+    """Build the scheduler for ``sampler`` in ``("ddpm", "ddim", "dpmpp")`` on a shared noise schedule.
+
+    ``prediction_type`` is what the network predicts: ``"sample"`` (the clean mask ``x0``, our default) or
+    ``"epsilon"`` (the noise, as in the paper). See the README's design table for the measurement behind the default.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+    common = {"clip_sample": True, "prediction_type": prediction_type, **schedule_args}
     if sampler == "ddpm":
-        return DDPMScheduler(num_train_timesteps, schedule, variance_type="fixed_small", clip_sample=True, **schedule_args)
+        return DDPMScheduler(num_train_timesteps, schedule, variance_type="fixed_small", **common)
     if sampler == "ddim":
-        return TrailingDDIMScheduler(num_train_timesteps, schedule, clip_sample=True, **schedule_args)
+        return TrailingDDIMScheduler(num_train_timesteps, schedule, **common)
     if sampler == "dpmpp":
-        return DPMSolverPPScheduler(num_train_timesteps, schedule, clip_sample=True, **schedule_args)
+        return DPMSolverPPScheduler(num_train_timesteps, schedule, **common)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")

@@ -26,8 +26,10 @@ def diffusion_forward(
 ) -> dict[str, torch.Tensor]:
     """Sample ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` per sample, noise the encoded label and return the loss dict.
 
+    The regression target follows ``scheduler.prediction_type``: the noise (``"epsilon"``) or ``x0`` (``"sample"``).
+
     Args:
-        network: the MedSegDiff-V2 model.
+        network: the MedSegDiff-V2 model (or a DDP wrapper of it; its forward is what runs).
         scheduler: any MONAI scheduler holding the training noise schedule (``add_noise``).
         loss_fn: the objective.
         image: ``(B, C_in, *S)``.
@@ -38,10 +40,12 @@ def diffusion_forward(
         raise ValueError(
             f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in batch or spatial size."
         )
-    x0 = label_to_x0(label, network.num_classes).to(image.dtype)
+    core = getattr(network, "module", network)  # DistributedDataParallel / EMA wrappers keep the model in .module
+    x0 = label_to_x0(label, core.num_classes).to(image.dtype)
     b = image.shape[0]
     timesteps = torch.randint(0, scheduler.num_train_timesteps, (b,), device=image.device, generator=generator)
     noise = torch.randn(x0.shape, device=image.device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, noise, timesteps)
-    noise_pred, anchor_logits = network(x_t, image, timesteps)
-    return loss_fn(noise_pred, noise, anchor_logits, label, timesteps)
+    prediction, anchor_logits = network(x_t, image, timesteps)
+    target = x0 if getattr(scheduler, "prediction_type", "epsilon") == "sample" else noise
+    return loss_fn(prediction, target, anchor_logits, label, timesteps)

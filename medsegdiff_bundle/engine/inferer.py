@@ -1,0 +1,120 @@
+"""``DiffusionSegInferer``: the whole MedSegDiff-V2 sampling loop behind MONAI's ``Inferer`` interface.
+
+``inferer(inputs, network)`` returns class probabilities, which is how MONAI evaluators, bundles and MONAI Label
+call an inferer. Inputs larger than ``roi_size`` go through ``monai.inferers.sliding_window_inference`` with the
+complete sampling loop (condition once, ensemble, fusion) run per window; smaller inputs are padded to the
+network's divisor and cropped back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer, sliding_window_inference
+
+from ..diffusion.sampler import DiffusionSampler
+from .ema import unwrap_model
+
+__all__ = ["DiffusionSegInferer"]
+
+
+class DiffusionSegInferer(Inferer):
+    """Sample segmentations with a trained MedSegDiff-V2.
+
+    Args:
+        sampler: ``"dpmpp"`` (default), ``"ddim"`` or ``"ddpm"`` (1000 steps).
+        steps: sampler steps.
+        ensemble: members per image, denoised as one batch.
+        fusion: ``"mean"`` or ``"staple"`` (binary).
+        uncertainty: ``"std"`` or ``"entropy"``.
+        prediction_type: what the network was trained to predict (``"sample"`` or ``"epsilon"``).
+        num_train_timesteps: ``T`` of training.
+        schedule: training noise schedule name.
+        seed: seed of the sampling noise (``None``: global RNG).
+        roi_size: patch size for sliding-window inference; ``None`` runs on the whole input.
+        sw_batch_size: windows per sampling batch.
+        overlap: window overlap.
+        mode: window blending, ``"gaussian"`` or ``"constant"``.
+        return_uncertainty: append the uncertainty map as one extra last channel (``K + 1`` channels); split it
+            off with :class:`medsegdiff_bundle.data.transforms.SplitUncertaintyd`. Off by default so that callers
+            expecting plain probabilities (MONAI Label) get them.
+        amp: run the network under bf16 autocast (CUDA); FFTs stay in fp32.
+
+    ``__call__(inputs (B, C_in, *S), network) -> (B, K[+1], *S)``; the last call's uncertainty is also kept in
+    ``self.last_uncertainty`` ``(B, 1, *S)``.
+    """
+
+    def __init__(
+        self,
+        sampler: str = "dpmpp",
+        steps: int = 20,
+        ensemble: int = 5,
+        fusion: str = "mean",
+        uncertainty: str = "std",
+        prediction_type: str = "sample",
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        seed: int | None = 0,
+        roi_size: Sequence[int] | int | None = None,
+        sw_batch_size: int = 1,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        return_uncertainty: bool = False,
+        amp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sampler = DiffusionSampler(
+            sampler, steps, ensemble, fusion, uncertainty, num_train_timesteps, schedule, prediction_type, seed
+        )
+        self.roi_size = roi_size
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+        self.return_uncertainty = return_uncertainty
+        self.amp = amp
+        self.last_uncertainty: torch.Tensor | None = None
+
+    def _sample(self, network: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Probabilities and uncertainty for a batch that fits the network: ``(B, K + 1, *S)``."""
+        divisor = network.divisor
+        spatial = inputs.shape[2:]
+        pad = []
+        for size in reversed(spatial):
+            extra = (-size) % divisor
+            pad += [extra // 2, extra - extra // 2]
+        x = F.pad(inputs, pad, mode="replicate") if any(pad) else inputs
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            result = self.sampler(network, x)
+        out = torch.cat([result.probs, result.uncertainty], dim=1).float()
+        if any(pad):
+            crop = [slice(None), slice(None)]
+            for dim, size in enumerate(spatial):
+                start = pad[2 * (len(spatial) - 1 - dim)]
+                crop.append(slice(start, start + size))
+            out = out[tuple(crop)]
+        return out
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        net = unwrap_model(network)
+        if not hasattr(net, "condition") or not hasattr(net, "denoise"):
+            raise TypeError(f"DiffusionSegInferer needs a MedSegDiffV2-like network, got {type(net).__name__}.")
+        was_training = net.training
+        net.eval()
+        try:
+            roi = self.roi_size
+            if roi is not None:
+                roi = [roi] * (inputs.ndim - 2) if isinstance(roi, int) else list(roi)
+            if roi is not None and any(s > r for s, r in zip(inputs.shape[2:], roi)):
+                out = sliding_window_inference(
+                    inputs, roi, self.sw_batch_size, lambda x: self._sample(net, x), self.overlap, self.mode
+                )
+            else:
+                out = self._sample(net, inputs)
+        finally:
+            net.train(was_training)
+        self.last_uncertainty = out[:, -1:]
+        return out if self.return_uncertainty else out[:, :-1]

@@ -1,0 +1,147 @@
+"""MONAI ``SupervisedTrainer`` glue: the diffusion training iteration and the EMA / reseeding handlers."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.networks.schedulers import Scheduler
+from monai.utils import CommonKeys as Keys
+from monai.data.utils import set_rnd
+
+from ..diffusion.losses import MedSegDiffLoss
+from ..diffusion.training import diffusion_forward
+from .ema import EMAModel
+
+__all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler"]
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DiffusionTrainIteration:
+    """``iteration_update`` for ``SupervisedTrainer``: diffuse the label, condition on the image, step the optimiser.
+
+    Randomness of the diffusion (timesteps and noise) comes from a generator seeded by ``(seed, iteration)``, so a
+    run resumed from a checkpoint draws exactly what the uninterrupted run would have drawn.
+
+    Args:
+        scheduler: MONAI scheduler with the training noise schedule and ``prediction_type``.
+        loss_function: the MedSegDiff-V2 objective.
+        seed: base seed of the per-iteration generator.
+        grad_clip: max gradient norm (``None`` or ``<= 0`` disables clipping).
+        amp_dtype: ``"bfloat16"`` (no loss scaling needed) or ``"float16"`` (uses the trainer's GradScaler);
+            only used when the trainer has ``amp=True``.
+
+    The trainer output holds ``image``, ``label``, ``loss`` and the two loss terms ``diffusion_loss``/``anchor_loss``.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        loss_function: MedSegDiffLoss,
+        seed: int = 0,
+        grad_clip: float | None = 1.0,
+        amp_dtype: str = "bfloat16",
+    ) -> None:
+        if amp_dtype not in _AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {tuple(_AMP_DTYPES)}, got {amp_dtype!r}.")
+        self.scheduler = scheduler
+        self.loss_function = loss_function
+        self.seed = seed
+        self.grad_clip = grad_clip
+        self.amp_dtype = _AMP_DTYPES[amp_dtype]
+
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for the current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        image, label = batch[0], batch[1]
+        if label is None:
+            raise ValueError("training batches need a 'label'.")
+        device = image.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=bool(engine.amp)):
+            losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss = losses["loss"]
+        scaler = getattr(engine, "scaler", None) if engine.amp and self.amp_dtype == torch.float16 else None
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(engine.optimizer)
+        else:
+            loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip and self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+        if scaler is not None:
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            engine.optimizer.step()
+        engine.state.output = {
+            Keys.IMAGE: image,
+            Keys.LABEL: label,
+            Keys.LOSS: loss.detach(),
+            "diffusion_loss": losses["diffusion"],
+            "anchor_loss": losses["anchor"],
+        }
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class EMAUpdateHandler:
+    """Update an :class:`EMAModel` after every training iteration.
+
+    Args:
+        ema: the averaged model.
+        network: the trained network.
+    """
+
+    def __init__(self, ema: EMAModel, network: torch.nn.Module) -> None:
+        self.ema = ema
+        self.network = network
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: SupervisedTrainer) -> None:
+        self.ema.update(self.network)
+
+
+class EpochSeedHandler:
+    """Reseed torch/numpy/random and the dataset's random transforms at every epoch start from ``seed + epoch``.
+
+    Shuffling and augmentation then depend only on the epoch number, which is what makes a run resumed at an
+    epoch boundary identical to an uninterrupted one. (cuDNN determinism flags are left alone: they cost speed.)
+
+    Args:
+        seed: base seed.
+        transform: the training dataset's transform (its random transforms are reseeded; with worker processes
+            MONAI's DataLoader reseeds them per worker from the torch seed set here).
+    """
+
+    def __init__(self, seed: int = 0, transform: Any = None) -> None:
+        self.seed = seed
+        self.transform = transform
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: SupervisedTrainer) -> None:
+        seed = self.seed + int(engine.state.epoch)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if self.transform is not None:
+            set_rnd(self.transform, seed)
