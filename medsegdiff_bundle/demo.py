@@ -150,7 +150,7 @@ def run_demo(
     summary_table = summarize_metrics(table)
     table.to_csv(out / "metrics.csv", index=False)
     summary_table.to_csv(out / "metrics_summary.csv", index=False)
-    (out / "metrics_summary.md").write_text(format_summary_markdown(summary_table) + "\n")
+    (out / "metrics_summary.md").write_text(format_summary_markdown(summary_table) + "\n", encoding="utf-8")
 
     for i, case in enumerate(case_ids):
         p, u = pred[i, 0].numpy(), uncs[i][0, 0].numpy()
@@ -172,5 +172,5 @@ def run_demo(
         "config": config,
         "output_dir": str(out.resolve()),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

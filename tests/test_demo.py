@@ -19,11 +19,11 @@ from medsegdiff_bundle.engine import load_checkpoint
 def test_demo_2d_writes_predictions_maps_overlays_and_metrics(tmp_path):
     summary = run_demo(str(tmp_path), image_size=32, train_cases=4, test_cases=2, iterations=15, steps=3, ensemble=2)
     assert 0.0 <= summary["dice_mean"] <= 1.0
-    assert json.loads((tmp_path / "summary.json").read_text())["dice_mean"] == summary["dice_mean"]
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["dice_mean"] == summary["dice_mean"]
     table = pd.read_csv(tmp_path / "metrics.csv")
     assert list(table.columns) == ["case", "class", "dice", "iou", "hd95"] and len(table) == 2
     assert np.isclose(table["dice"].mean(), summary["dice_mean"])
-    assert "±" in (tmp_path / "metrics_summary.md").read_text()
+    assert "±" in (tmp_path / "metrics_summary.md").read_text(encoding="utf-8")
     pred = np.array(Image.open(tmp_path / "predictions" / "case_000_pred.png"))
     assert pred.shape == (32, 32) and set(np.unique(pred)) <= {0, 1}
     assert (tmp_path / "predictions" / "case_001_uncertainty.png").is_file()

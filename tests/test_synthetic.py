@@ -69,7 +69,7 @@ def test_rejects_fewer_than_two_classes():
 
 def _read_datalist(path, out_dir, num_cases):
     assert path == out_dir / "datalist.json"
-    entries = json.loads(path.read_text())["training"]
+    entries = json.loads(path.read_text(encoding="utf-8"))["training"]
     assert len(entries) == num_cases
     assert sorted({e["fold"] for e in entries}) == [0, 1, 2, 3, 4]
     for e in entries:

@@ -1,5 +1,18 @@
-"""Data: synthetic generator (readers, transforms and converters join here)."""
+"""Data: datalists and case checks, transform pipelines, synthetic generator."""
 
-from .synthetic import make_synthetic_case, make_synthetic_dataset, write_synthetic_dataset
+from .datalist import case_name, cases_from_folder, check_case, find_cases, load_datalist, select_fold, validate_cases
+from .synthetic import ensure_synthetic_datalist, make_synthetic_case, make_synthetic_dataset, write_synthetic_dataset
 
-__all__ = ["make_synthetic_case", "make_synthetic_dataset", "write_synthetic_dataset"]
+__all__ = [
+    "case_name",
+    "cases_from_folder",
+    "check_case",
+    "ensure_synthetic_datalist",
+    "find_cases",
+    "load_datalist",
+    "make_synthetic_case",
+    "make_synthetic_dataset",
+    "select_fold",
+    "validate_cases",
+    "write_synthetic_dataset",
+]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["make_synthetic_case", "make_synthetic_dataset", "write_synthetic_dataset"]
+__all__ = ["make_synthetic_case", "make_synthetic_dataset", "write_synthetic_dataset", "ensure_synthetic_datalist"]
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -126,5 +126,26 @@ def write_synthetic_dataset(
             ext = ".nii.gz"
         entries.append({"image": f"images/{name}{ext}", "label": f"labels/{name}{ext}", "fold": i % num_folds})
     datalist = out / "datalist.json"
-    datalist.write_text(json.dumps({"training": entries}, indent=2))
+    datalist.write_text(json.dumps({"training": entries}, indent=2), encoding="utf-8")
     return datalist
+
+
+def ensure_synthetic_datalist(
+    datalist: str | Path,
+    num_cases: int = 40,
+    spatial_size: Sequence[int] = (64, 64),
+    num_classes: int = 2,
+    in_channels: int = 3,
+    seed: int = 0,
+) -> str:
+    """Return ``datalist``; if it does not exist, write a synthetic dataset next to it first.
+
+    This is the bundle's built-in default data, so that ``python -m monai.bundle run training`` works out of the
+    box; a user's own ``--datalist`` that exists is never touched.
+    """
+    path = Path(datalist)
+    if not path.exists():
+        written = write_synthetic_dataset(path.parent, num_cases, spatial_size, num_classes, in_channels, seed)
+        if written != path:
+            written.replace(path)
+    return str(path)

@@ -1,0 +1,296 @@
+"""MONAI transform pipelines for training, validation, inference and evaluation, in 2D and 3D.
+
+The bundle configs call these builders with values from the plan (patch size, spacing, normalisation), so
+the JSON stays wiring and the choices live here, testable. Custom transforms are the few MONAI does not have:
+label clean-up with case-naming errors, splitting the inferer's uncertainty channel, and overlay pictures.
+
+2D images (PNG/JPG/BMP, RGB or grey) are resized to ``patch_size`` as in the paper (256² there) and inverted back
+to their own size after inference. 3D volumes (NIfTI, NRRD/MHA, DICOM series) are reoriented to RAS, optionally
+resampled to ``target_spacing``, trained on random patches and inferred with a sliding window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    SaveImaged,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from ..evaluation.visualize import save_overlay
+
+__all__ = [
+    "NORMALIZATIONS",
+    "PrepareLabeld",
+    "SplitUncertaintyd",
+    "SaveOverlayd",
+    "normalization_transforms",
+    "build_preprocessing",
+    "build_postprocessing",
+]
+
+NORMALIZATIONS = ("rgb", "zscore", "ct", "none")
+
+
+def _source(data: Mapping, key: str) -> str:
+    item = data.get(key)
+    meta = getattr(item, "meta", None) or data.get(f"{key}_meta_dict", {}) or {}
+    name = meta.get("filename_or_obj", "<unknown file>")
+    return str(name[0] if isinstance(name, (list, tuple)) else name)
+
+
+class PrepareLabeld(MapTransform):
+    """Make a loaded label a clean one-channel class-index map, or fail naming the file.
+
+    * several channels (RGB-encoded masks such as Kvasir's JPEGs) -> the first channel;
+    * ``threshold``: ``label > threshold`` -> 1 (binary masks stored as 0/255);
+    * values must be integers in ``[0, num_classes)``;
+    * the label's spatial size must equal the image's.
+
+    Args:
+        keys: label key(s).
+        num_classes: classes including background.
+        threshold: binarisation threshold, or ``None``.
+        image_key: image key for the size check (``None`` skips it).
+    """
+
+    def __init__(
+        self, keys: KeysCollection, num_classes: int, threshold: float | None = None, image_key: str | None = "image"
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.num_classes = num_classes
+        self.threshold = threshold
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if label.shape[0] > 1:
+                label = label[:1]
+            if self.threshold is not None:
+                label = (label > self.threshold).to(torch.uint8) if isinstance(label, torch.Tensor) else (label > self.threshold).astype(np.uint8)
+            values = torch.as_tensor(label).float()
+            if not torch.equal(values, values.round()):
+                raise ValueError(
+                    f"label {_source(d, key)} has non-integer values; set label_threshold for masks stored as 0..255."
+                )
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= self.num_classes:
+                hint = " (binary mask stored as 0/255? set label_threshold=127)" if hi == 255 else ""
+                raise ValueError(
+                    f"label {_source(d, key)} has values in [{lo}, {hi}] but num_classes={self.num_classes}{hint}."
+                )
+            if self.image_key is not None and self.image_key in d and d[self.image_key].shape[1:] != label.shape[1:]:
+                raise ValueError(
+                    f"image {_source(d, self.image_key)} has spatial size {tuple(d[self.image_key].shape[1:])} but label "
+                    f"{_source(d, key)} has {tuple(label.shape[1:])}."
+                )
+            d[key] = label
+        return d
+
+
+class SplitUncertaintyd(MapTransform):
+    """Move the last channel of ``keys`` (the inferer's uncertainty, see ``DiffusionSegInferer``) to its own key."""
+
+    def __init__(self, keys: KeysCollection, uncertainty_key: str = "uncertainty") -> None:
+        super().__init__(keys)
+        self.uncertainty_key = uncertainty_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            d[self.uncertainty_key] = pred[-1:].clone()
+            d[key] = pred[:-1]
+        return d
+
+
+class SaveOverlayd(MapTransform):
+    """Write ``<output_dir>/<case>_overlay.png``: image, predicted (and reference) contours, uncertainty.
+
+    Expects channel-first tensors in the same geometry; ``pred_key`` holds a one-channel label map. 2D arrays
+    follow MONAI's reader convention ``(C, W, H)`` and are transposed for display.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        label_key: str | None = None,
+        uncertainty_key: str | None = "uncertainty",
+    ) -> None:
+        super().__init__([image_key], allow_missing_keys=True)
+        self.output_dir = Path(output_dir)
+        self.image_key, self.pred_key, self.label_key, self.uncertainty_key = image_key, pred_key, label_key, uncertainty_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+
+        def arr(key: str | None) -> np.ndarray | None:
+            if key is None or key not in d:
+                return None
+            a = torch.as_tensor(d[key]).detach().cpu().float().numpy()
+            return np.swapaxes(a, 1, 2) if a.ndim == 3 else a  # (C, W, H) -> (C, H, W) for 2D display
+
+        image, pred, label, unc = (arr(k) for k in (self.image_key, self.pred_key, self.label_key, self.uncertainty_key))
+        name = Path(_source(d, self.image_key)).name
+        for ext in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".nrrd", ".mha", ".mhd"):
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        save_overlay(
+            self.output_dir / f"{name}_overlay.png",
+            image,
+            pred[0].round().astype(np.int64),
+            None if label is None else label[0].round().astype(np.int64),
+            None if unc is None else unc[0],
+            title=name,
+        )
+        return d
+
+
+def normalization_transforms(keys: KeysCollection, normalization: str) -> list:
+    """Intensity normalisation: ``rgb`` (/255), ``zscore`` (per channel, MR), ``ct`` (clip [-175, 250] HU -> [0, 1]),
+    ``none``."""
+    if normalization == "rgb":
+        return [ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)]
+    if normalization == "zscore":
+        return [NormalizeIntensityd(keys, nonzero=False, channel_wise=True)]
+    if normalization == "ct":
+        return [ScaleIntensityRanged(keys, a_min=-175.0, a_max=250.0, b_min=0.0, b_max=1.0, clip=True)]
+    if normalization == "none":
+        return []
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
+
+
+def build_preprocessing(
+    spatial_dims: int,
+    stage: str,
+    patch_size: Sequence[int],
+    num_classes: int,
+    normalization: str = "rgb",
+    target_spacing: Sequence[float] | None = None,
+    label_threshold: float | None = None,
+    num_samples: int = 1,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> Compose:
+    """Pre-processing for ``stage`` in ``train`` / ``validate`` / ``infer`` / ``evaluate``.
+
+    ``evaluate`` loads the label but keeps it in the original geometry (metrics are computed there, on the
+    inverted prediction); ``infer`` loads only the image.
+
+    Args:
+        spatial_dims: 2 or 3.
+        stage: which pipeline.
+        patch_size: 2D: the size images are resized to; 3D: training patch size.
+        num_classes: classes including background.
+        normalization: one of ``NORMALIZATIONS``.
+        target_spacing: 3D resampling spacing (mm), or ``None`` to keep the native spacing.
+        label_threshold: binarise labels at this value (e.g. 127 for 0/255 masks).
+        num_samples: 3D training patches per volume.
+        image_key, label_key: dictionary keys.
+    """
+    if stage not in ("train", "validate", "infer", "evaluate"):
+        raise ValueError(f"stage must be train, validate, infer or evaluate, got {stage!r}.")
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size {list(patch_size)} needs {spatial_dims} values for spatial_dims={spatial_dims}.")
+    with_label = stage != "infer"
+    geo_keys = [image_key, label_key] if stage in ("train", "validate") else [image_key]
+    load_keys = [image_key, label_key] if with_label else [image_key]
+    interp = ["bilinear", "nearest"] if len(geo_keys) == 2 else ["bilinear"]
+    xforms: list = [
+        LoadImaged(load_keys, allow_missing_keys=stage == "evaluate"),
+        EnsureChannelFirstd(load_keys, allow_missing_keys=stage == "evaluate"),
+        EnsureTyped(load_keys, dtype=torch.float32, allow_missing_keys=stage == "evaluate"),
+    ]
+    if spatial_dims == 3:
+        xforms.append(Orientationd(geo_keys, axcodes="RAS"))
+        if target_spacing is not None:
+            xforms.append(Spacingd(geo_keys, pixdim=list(target_spacing), mode=interp))
+    if with_label:
+        # the size check only makes sense while image and label share a geometry
+        xforms.append(PrepareLabeld(label_key, num_classes, label_threshold, image_key if stage != "evaluate" else None))
+    xforms += normalization_transforms(image_key, normalization)
+    if spatial_dims == 2:
+        xforms.append(Resized(geo_keys, spatial_size=list(patch_size), mode=["area", "nearest"][: len(geo_keys)]))
+    if stage == "train":
+        if spatial_dims == 3:
+            xforms += [
+                SpatialPadd(geo_keys, spatial_size=list(patch_size)),
+                RandCropByPosNegLabeld(geo_keys, label_key, list(patch_size), pos=1, neg=1, num_samples=num_samples),
+            ]
+        xforms += [RandFlipd(geo_keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)]
+        if spatial_dims == 2:
+            xforms += [
+                RandRotate90d(geo_keys, prob=0.5),
+                RandAffined(geo_keys, prob=0.3, rotate_range=0.26, scale_range=0.1, mode=interp, padding_mode="zeros"),
+            ]
+        xforms += [
+            RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
+            RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
+        ]
+    return Compose(xforms)
+
+
+def build_postprocessing(
+    preprocessing: Compose,
+    output_dir: str | Path | None,
+    spatial_dims: int,
+    pred_key: str = "pred",
+    image_key: str = "image",
+    label_key: str | None = None,
+    overlay: bool = True,
+    invert: bool = True,
+) -> Compose:
+    """Post-processing of ``DiffusionSegInferer(return_uncertainty=True)`` output.
+
+    Splits the uncertainty channel, inverts prediction, uncertainty and image into the input's own geometry
+    (original size in 2D; original affine, spacing and orientation in 3D), takes the argmax label map, and (when
+    ``output_dir`` is given) writes ``<case>_seg`` and ``<case>_uncertainty`` (PNG in 2D, NIfTI in 3D) and an overlay.
+    """
+    keys = [pred_key, "uncertainty"]
+    xforms: list = [SplitUncertaintyd(pred_key)]
+    if invert:
+        xforms.append(
+            Invertd(keys + [image_key], transform=preprocessing, orig_keys=image_key, nearest_interp=False, to_tensor=True)
+        )
+    xforms.append(AsDiscreted(pred_key, argmax=True))
+    if output_dir is not None:
+        ext = ".png" if spatial_dims == 2 else ".nii.gz"
+        common = {"output_dir": str(output_dir), "output_ext": ext, "resample": False, "separate_folder": False,
+                  "print_log": False}
+        xforms += [
+            SaveImaged(pred_key, output_postfix="seg", output_dtype=np.uint8, **common),
+            SaveImaged("uncertainty", output_postfix="uncertainty", output_dtype=np.uint8 if spatial_dims == 2 else np.float32,
+                       scale=255 if spatial_dims == 2 else None, **common),
+        ]
+        if overlay:
+            xforms.append(SaveOverlayd(output_dir, image_key, pred_key, label_key))
+    return Compose(xforms)

@@ -1,0 +1,157 @@
+"""Ignite/MONAI handlers the bundle attaches: training curves, per-case metric tables, checkpoint discovery."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from monai.utils import CommonKeys as Keys
+
+from ..data.datalist import case_name
+from ..evaluation.metrics import case_metrics, format_summary_markdown, summarize_metrics
+from ..evaluation.visualize import save_training_curves
+
+__all__ = ["TrainingCurvesHandler", "MetricsTableHandler", "latest_checkpoint", "resume_from_latest"]
+
+
+def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> str | None:
+    """Path of the newest training checkpoint (highest epoch/iteration number in its name) in ``ckpt_dir``."""
+    files = list(Path(ckpt_dir).glob(pattern))
+    if not files:
+        return None
+
+    def number(p: Path) -> int:
+        found = re.findall(r"=(\d+)", p.name)
+        return int(found[-1]) if found else -1
+
+    return str(max(files, key=lambda p: (number(p), p.stat().st_mtime)))
+
+
+class TrainingCurvesHandler:
+    """Record the training losses per iteration and the validation metric per epoch; write
+    ``training_log.csv``, ``validation_log.csv`` and ``training_curves.png`` in ``output_dir`` after every epoch.
+
+    Args:
+        output_dir: where the files go.
+        evaluator: the validation engine (its ``state.metrics`` are logged after each of its runs).
+        loss_keys: keys of ``engine.state.output`` to record (first item when the output is decollated).
+    """
+
+    def __init__(self, output_dir: str | Path, evaluator: Any = None,
+                 loss_keys: tuple[str, ...] = (Keys.LOSS, "diffusion_loss", "anchor_loss")) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.loss_keys = loss_keys
+        self.rows: list[dict[str, float]] = []
+        self.val_rows: list[dict[str, float]] = []
+        self._trainer: Any = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        self._trainer = engine
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self.validation_completed)
+
+    def iteration_completed(self, engine: Any) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out
+        row = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch)}
+        for key in self.loss_keys:
+            if key in out:
+                row[key] = float(torch.as_tensor(out[key]).float().mean())
+        self.rows.append(row)
+
+    def validation_completed(self, evaluator: Any) -> None:
+        row = {"epoch": int(self._trainer.state.epoch) if self._trainer is not None else 0}
+        row.update({k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))})
+        self.val_rows.append(row)
+
+    def write(self, engine: Any = None) -> None:
+        if not self.rows:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log = pd.DataFrame(self.rows)
+        log.to_csv(self.output_dir / "training_log.csv", index=False)
+        history = {"iteration": log["iteration"].tolist()}
+        history.update({k: log[k].tolist() for k in self.loss_keys if k in log})
+        save_training_curves(self.output_dir / "training_curves.png", history)
+        if self.val_rows:
+            pd.DataFrame(self.val_rows).to_csv(self.output_dir / "validation_log.csv", index=False)
+
+
+class MetricsTableHandler:
+    """Per-case, per-class Dice / IoU / HD95 on an evaluator's (decollated, post-processed) output; writes
+    ``metrics.csv``, ``metrics_summary.csv`` and ``metrics_summary.md`` when the run completes.
+
+    Each output item needs ``pred`` (label map ``(1, *S)``) and ``label`` (``(1, *S)``) in the same geometry; the
+    case name comes from the image's ``filename_or_obj``; HD95 uses the image's pixel spacing when known.
+    """
+
+    def __init__(self, output_dir: str | Path, num_classes: int, class_names: list[str] | None = None,
+                 pred_key: str = Keys.PRED, label_key: str = Keys.LABEL, image_key: str = Keys.IMAGE) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.tables: list[pd.DataFrame] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def iteration_completed(self, engine: Any) -> None:
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else None
+        for i, item in enumerate(items):
+            pred, label = item[self.pred_key], item.get(self.label_key)
+            if label is None and batch is not None:
+                label = batch[i].get(self.label_key)
+            if label is None:
+                raise ValueError("MetricsTableHandler needs a label for every case.")
+            meta = getattr(pred, "meta", {}) or {}
+            name = case_name({"image": str(meta.get("filename_or_obj", f"case_{len(self.tables)}"))})
+            spacing = None
+            if "pixdim" in meta:
+                spacing = [float(s) for s in torch.as_tensor(meta["pixdim"])[1 : pred.ndim].tolist()]
+            table = case_metrics(
+                torch.as_tensor(pred)[None].long().cpu(), torch.as_tensor(label)[None].long().cpu(),
+                self.num_classes, [name], spacing, self.class_names,
+            )
+            self.tables.append(table)
+
+    def write(self, engine: Any = None) -> pd.DataFrame:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        table = pd.concat(self.tables, ignore_index=True) if self.tables else pd.DataFrame(
+            columns=["case", "class", "dice", "iou", "hd95"])
+        table.to_csv(self.output_dir / "metrics.csv", index=False)
+        if len(table):
+            summary = summarize_metrics(table)
+            summary.to_csv(self.output_dir / "metrics_summary.csv", index=False)
+            (self.output_dir / "metrics_summary.md").write_text(format_summary_markdown(summary) + "\n", encoding="utf-8")
+        return table
+
+
+def resume_from_latest(trainer: Any, ckpt_dir: str | Path, load_dict: dict, map_location: Any = None) -> str | None:
+    """Attach a ``CheckpointLoader`` for the newest checkpoint in ``ckpt_dir`` (``weights_only=True`` inside MONAI).
+
+    The checkpoint holds model, EMA, optimizer, LR scheduler and the trainer's epoch/iteration, so training goes
+    on exactly where it stopped. Returns the path used, or ``None`` (nothing to resume: a fresh start).
+    """
+    from monai.handlers import CheckpointLoader
+
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        logging.getLogger(__name__).info(f"resume requested but no checkpoint in {ckpt_dir}: starting fresh.")
+        return None
+    CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location).attach(trainer)
+    logging.getLogger(__name__).info(f"resuming from {path}")
+    return path
