@@ -121,7 +121,8 @@ def write_synthetic_dataset(
             import nibabel as nib
 
             affine = np.diag([1.0, 1.0, 1.0, 1.0])
-            nib.save(nib.Nifti1Image(np.moveaxis(case["image"], 0, -1), affine), out / "images" / f"{name}.nii.gz")
+            image = case["image"][0] if in_channels == 1 else np.moveaxis(case["image"], 0, -1)  # 3D or 4D channel-last
+            nib.save(nib.Nifti1Image(image, affine), out / "images" / f"{name}.nii.gz")
             nib.save(nib.Nifti1Image(case["label"][0], affine), out / "labels" / f"{name}.nii.gz")
             ext = ".nii.gz"
         entries.append({"image": f"images/{name}{ext}", "label": f"labels/{name}{ext}", "fold": i % num_folds})

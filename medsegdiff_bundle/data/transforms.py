@@ -47,6 +47,7 @@ __all__ = [
     "NORMALIZATIONS",
     "PrepareLabeld",
     "SplitUncertaintyd",
+    "MarkSingleChannelMapd",
     "SaveOverlayd",
     "normalization_transforms",
     "build_preprocessing",
@@ -127,6 +128,21 @@ class SplitUncertaintyd(MapTransform):
             pred = d[key]
             d[self.uncertainty_key] = pred[-1:].clone()
             d[key] = pred[:-1]
+        return d
+
+
+class MarkSingleChannelMapd(MapTransform):
+    """Mark one-channel outputs as channel-less maps so writers save ``(H, W[, D])`` files.
+
+    A prediction inherits the input's metadata; for a 4D channel-last input (e.g. MSD's multi-modal NIfTIs) the
+    writer would otherwise treat the output's channel as a 4th axis.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if hasattr(d[key], "meta"):
+                d[key].meta["original_channel_dim"] = "no_channel"
         return d
 
 
@@ -281,7 +297,7 @@ def build_postprocessing(
         xforms.append(
             Invertd(keys + [image_key], transform=preprocessing, orig_keys=image_key, nearest_interp=False, to_tensor=True)
         )
-    xforms.append(AsDiscreted(pred_key, argmax=True))
+    xforms += [AsDiscreted(pred_key, argmax=True), MarkSingleChannelMapd(keys)]
     if output_dir is not None:
         ext = ".png" if spatial_dims == 2 else ".nii.gz"
         common = {"output_dir": str(output_dir), "output_ext": ext, "resample": False, "separate_folder": False,

@@ -1,0 +1,183 @@
+"""The MONAI bundle end to end (Model-Zoo style): train and infer through ConfigWorkflow on generated PNG and
+NIfTI data, outputs in the input's geometry, exact resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from medsegdiff_bundle.data import write_synthetic_dataset
+from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
+from tests.bundle_utils import CONFIGS, REPO, run_workflow, workflow
+
+pytestmark = pytest.mark.slow
+
+TRAIN_2D = {"patch_size": [32, 32], "batch_size": 4, "max_epochs": 2, "val_interval": 1, "val_steps": 2}
+INFER_2D = {"patch_size": [32, 32], "steps": 2, "ensemble": 2}
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    """A tiny 2D bundle trained on non-square RGB PNGs (catches transposed or resized outputs)."""
+    root = tmp_path_factory.mktemp("bundle2d")
+    write_synthetic_dataset(root / "data", 10, (48, 40), num_classes=2, in_channels=3, seed=5)
+    run_workflow("train", "train", root, **TRAIN_2D)
+    return root
+
+
+def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
+    ckpt = load_checkpoint(latest_checkpoint(trained_2d / "models"))
+    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "trainer"}
+    assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # both epochs
+    assert int(ckpt["ema"]["num_updates"]) == ckpt["trainer"]["iteration"]
+    best = load_checkpoint(trained_2d / "models" / "model.pt")
+    assert "condition_unet.stem.weight" in best  # a plain state dict the inference config loads
+    log = pd.read_csv(trained_2d / "eval" / "training_log.csv")
+    assert {"loss", "diffusion_loss", "anchor_loss"} <= set(log.columns)
+    assert (trained_2d / "eval" / "training_curves.png").is_file()
+    assert "val_mean_dice" in pd.read_csv(trained_2d / "eval" / "validation_log.csv").columns
+
+
+def test_inference_writes_maps_in_the_input_geometry(trained_2d):
+    run_workflow("inference", "infer", trained_2d, **INFER_2D)
+    out = trained_2d / "eval" / "inference"
+    cases = json.loads((trained_2d / "data" / "datalist.json").read_text(encoding="utf-8"))["training"]
+    fold0 = [c for c in cases if c["fold"] == 0]
+    assert fold0
+    for case in fold0:
+        name = case["image"].split("/")[-1][: -len(".png")]
+        source = np.array(Image.open(trained_2d / "data" / case["image"]))
+        seg = np.array(Image.open(out / f"{name}_seg.png"))
+        unc = np.array(Image.open(out / f"{name}_uncertainty.png"))
+        assert seg.shape == source.shape[:2] == unc.shape  # original (H, W), not the 32x32 patch, not transposed
+        assert set(np.unique(seg)) <= {0, 1}
+        assert (out / f"{name}_overlay.png").is_file()
+    assert pd.read_csv(out / "failed_cases.csv").empty
+
+
+def test_evaluation_writes_per_case_metrics_and_summary(trained_2d):
+    run_workflow("evaluate", "infer", trained_2d, **INFER_2D)
+    out = trained_2d / "eval" / "evaluation"
+    table = pd.read_csv(out / "metrics.csv")
+    assert list(table.columns) == ["case", "class", "dice", "iou", "hd95"]
+    assert len(table) == 2 and table["dice"].between(0, 1).all()
+    assert "±" in (out / "metrics_summary.md").read_text(encoding="utf-8")
+
+
+def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_path):
+    good = sorted((trained_2d / "data" / "images").glob("*.png"))[:2]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    run_workflow("inference", "infer", trained_2d, input_dir=str(folder), output_dir=str(tmp_path / "out"), **INFER_2D)
+    failed = pd.read_csv(tmp_path / "out" / "failed_cases.csv")
+    assert len(failed) == 1 and failed["case"][0].endswith("broken.png")
+    for p in good:
+        assert (tmp_path / "out" / f"{p.stem}_seg.png").is_file()
+
+
+def test_exact_resume(tmp_path):
+    """2 epochs straight == a run stopped after epoch 1 (as if killed) and resumed: model, EMA and optimizer match."""
+    from ignite.engine import Events
+
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=9)
+    common = {**TRAIN_2D, "val_interval": 5, "dataset_dir": str(tmp_path / "data")}
+    run_workflow("train", "train", tmp_path / "straight", **common)
+
+    interrupted = workflow("train", "train", tmp_path / "resumed", **common)
+    trainer = interrupted.parser.get_parsed_content("train#trainer")
+    # registered before the checkpoint saver, so the epoch-1 checkpoint is still written, then the run stops
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+    interrupted.run()
+    stopped = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "models"))["trainer"]
+    assert stopped["iteration"] == stopped["epoch_length"]  # one epoch done
+    run_workflow("train", "train", tmp_path / "resumed", **{**common, "resume": True})
+
+    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "models"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "models"))
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] > 0
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+
+
+def _chain(error: BaseException) -> str:
+    """All messages of an exception and its causes (MONAI wraps config errors in RuntimeError)."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+def test_missing_file_stops_training_before_it_starts_naming_the_case(tmp_path):
+    datalist = write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=1)
+    (tmp_path / "data" / "labels" / "case_0003.png").unlink()
+    with pytest.raises(Exception) as error:
+        run_workflow("train", "train", tmp_path, datalist=str(datalist), **TRAIN_2D)
+    assert "case_0003: label file(s) do not exist" in _chain(error.value)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_label_values_outside_the_class_range_name_the_file(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 4, (32, 32), seed=2)
+    label = tmp_path / "data" / "labels" / "case_0001.png"
+    Image.fromarray((np.array(Image.open(label)) * 255).astype(np.uint8)).save(label)
+    with pytest.raises(Exception) as error:
+        run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, "fold": None})
+    assert re.search(r"case_0001\.png has values in \[0, 255\].*label_threshold", _chain(error.value))
+
+
+def test_image_label_shape_mismatch_is_refused(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 4, (32, 32), seed=3)
+    Image.fromarray(np.zeros((20, 32), np.uint8)).save(tmp_path / "data" / "labels" / "case_0002.png")
+    with pytest.raises(Exception) as error:
+        run_workflow("train", "train", tmp_path, **TRAIN_2D)
+    assert re.search(r"case_0002.*size", _chain(error.value))
+
+
+def test_3d_nifti_train_and_sliding_window_inference_keep_the_affine(tmp_path):
+    """2-channel (4D channel-last) volumes with anisotropic spacing and a rotated, shifted affine: outputs come
+    back as 3D maps with the same affine and shape."""
+    datalist = write_synthetic_dataset(tmp_path / "data", 4, (24, 20, 16), num_classes=3, in_channels=2, seed=4)
+    affine = np.array([[-1.5, 0, 0, 10], [0, 0, 2.0, -5], [0, 1.0, 0, 3], [0, 0, 0, 1]])
+    for f in (tmp_path / "data").rglob("*.nii.gz"):
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), f)
+    settings = {"spatial_dims": 3, "in_channels": 2, "num_classes": 3, "patch_size": [16, 16, 16], "normalization": "zscore"}
+    run_workflow("train", "train", tmp_path, datalist=str(datalist), batch_size=2, max_epochs=1, val_interval=1,
+                 val_steps=2, **settings)
+    run_workflow("inference", "infer", tmp_path, datalist=str(datalist), steps=2, ensemble=2, **settings)
+    case = json.loads(datalist.read_text(encoding="utf-8"))["training"][0]
+    source = nib.load(tmp_path / "data" / case["image"])
+    name = case["image"].split("/")[-1][: -len(".nii.gz")]
+    for suffix in ("seg", "uncertainty"):
+        out = nib.load(tmp_path / "eval" / "inference" / f"{name}_{suffix}.nii.gz")
+        assert out.shape == source.shape[:3]
+        np.testing.assert_allclose(out.affine, source.affine, atol=1e-4)
+    seg = np.asarray(nib.load(tmp_path / "eval" / "inference" / f"{name}_seg.nii.gz").dataobj)
+    assert seg.min() >= 0 and seg.max() <= 2
+
+
+def test_literal_bundle_run_command_trains(tmp_path):
+    """The command users type: python -m monai.bundle run training --config_file bundle/configs/train.json."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--bundle_root", str(tmp_path), "--max_epochs", "1", "--channels", "[8,16,32]", "--patch_size", "[32,32]",
+           "--num_workers", "0", "--val_interval", "1", "--val_steps", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert latest_checkpoint(tmp_path / "models") is not None
