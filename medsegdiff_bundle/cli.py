@@ -14,15 +14,14 @@ class CLI:
     """MedSegDiff-V2 for MONAI: diffusion-based medical image segmentation in 2D and 3D."""
 
     def demo(self, output_dir: str = "demo_output", spatial_dims: int = 2, num_classes: int = 2, iterations: int = 600,
-             prediction_type: str = "sample", sampler: str = "dpmpp", steps: int = 20, ensemble: int = 5, seed: int = 0, device: str | None = None) -> None:
-        """Train a small model on generated data, sample held-out cases, write predictions, maps, overlays, metrics.
+             sampler: str = "dpmpp", steps: int = 20, ensemble: int = 5, seed: int = 0, device: str | None = None) -> None:
+        """Generate data, train with the MONAI bundle, evaluate the held-out cases: maps, overlays, metrics.
 
         Args:
-            output_dir: results folder.
+            output_dir: results folder (the bundle root of the run).
             spatial_dims: 2 (RGB images, 64x64) or 3 (one-channel volumes, 32^3).
             num_classes: classes including background.
-            iterations: training iterations.
-            prediction_type: network target, sample (x0) or epsilon (noise, as in the paper).
+            iterations: approximate training iterations (whole epochs).
             sampler: dpmpp, ddim or ddpm.
             steps: sampler steps (ddpm needs 1000).
             ensemble: ensemble members per case.
@@ -32,11 +31,11 @@ class CLI:
         from .demo import run_demo
 
         summary = run_demo(output_dir=output_dir, spatial_dims=spatial_dims, num_classes=num_classes,
-                           iterations=iterations, prediction_type=prediction_type, sampler=sampler, steps=steps, ensemble=ensemble, seed=seed,
+                           iterations=iterations, sampler=sampler, steps=steps, ensemble=ensemble, seed=seed,
                            device=device)
         print(json.dumps(summary, indent=2))
-        print(f"\nDemo Dice on {summary['output_dir']}: {summary['dice_mean']:.4f} "
-              f"(metrics_summary.md, overlays/ and predictions/ hold the details)")
+        print(f"\nDemo Dice on {summary['cases_evaluated']} held-out cases: {summary['dice_mean']:.4f} "
+              f"(see {summary['output_dir']}/eval/evaluation/ for maps, overlays and metrics_summary.md)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,8 +65,10 @@ def save_overlay(
         if (prediction == c).any():
             axes[1].contour(prediction == c, levels=[0.5], colors=[colour], linewidths=1.5)
         if reference is not None and (reference == c).any():
-            axes[1].contour(reference == c, levels=[0.5], colors=[colour], linewidths=1.0, linestyles="dashed")
-    axes[1].set_title("prediction (solid) / reference (dashed)" if reference is not None else "prediction", fontsize=8)
+            # yellow dashes stay visible on top of any class colour
+            axes[1].contour(reference == c, levels=[0.5], colors=["yellow"], linewidths=1.0, linestyles="dashed")
+    title = "prediction (solid) / reference (yellow dashed)" if reference is not None else "prediction"
+    axes[1].set_title(title, fontsize=8)
     if uncertainty is not None:
         im = axes[2].imshow(uncertainty, cmap="magma")
         axes[2].set_title("ensemble uncertainty")
