@@ -23,27 +23,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from monai.bundle import ConfigWorkflow
 
 from .data.synthetic import write_synthetic_dataset
+from .engine.workflow import run_bundle
 
-__all__ = ["run_demo", "BUNDLE_CONFIGS"]
-
-BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
-
-
-def _run(config: str, workflow_type: str, bundle_root: Path, overrides: dict[str, Any]) -> None:
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLE_CONFIGS / f"{config}.json"),
-        meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
-        logging_file=str(BUNDLE_CONFIGS / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle_root),
-        **overrides,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+__all__ = ["run_demo"]
 
 
 def run_demo(
@@ -103,12 +87,10 @@ def run_demo(
         "num_workers": 0,
         "device": f"$torch.device('{device or ('cuda' if torch.cuda.is_available() else 'cpu')}')",
     }
-    _run("train", "train", root, {
-        **common, "batch_size": batch_size, "max_epochs": epochs, "learning_rate": lr,
-        "val_interval": max(1, epochs // 4), "val_steps": 5,
-    })
+    run_bundle("train", "train", root, **common, batch_size=batch_size, max_epochs=epochs, learning_rate=lr,
+               val_interval=max(1, epochs // 4), val_steps=5)
     train_seconds = time.time() - started
-    _run("evaluate", "infer", root, {**common, "sampler": sampler, "steps": steps, "ensemble": ensemble})
+    run_bundle("evaluate", "infer", root, **common, sampler=sampler, steps=steps, ensemble=ensemble)
     table = pd.read_csv(root / "eval" / "evaluation" / "metrics.csv")
     per_case = table.groupby("case")[["dice", "iou"]].mean()
     summary = {

@@ -181,3 +181,14 @@ def test_literal_bundle_run_command_trains(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").is_file()
     assert latest_checkpoint(tmp_path / "models") is not None
+
+
+def test_amp_flag_from_the_command_line_is_parsed_not_truthy(tmp_path):
+    """--amp true trains under bf16 autocast; --resume false (a string on the CLI) must not resume."""
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=6)
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, "amp": "true", "val_interval": 5})
+    first = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert all(torch.isfinite(v).all() for v in first["model"].values())
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, "resume": "false", "val_interval": 5})
+    again = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert again["trainer"]["iteration"] == first["trainer"]["iteration"]  # started over, did not continue

@@ -6,8 +6,10 @@ from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip
 from .handlers import MetricsTableHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
 from .inferer import DiffusionSegInferer
 from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler
+from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
 __all__ = [
+    "BUNDLE_CONFIGS",
     "DiffusionSegInferer",
     "DiffusionTrainIteration",
     "EMAModel",
@@ -18,9 +20,11 @@ __all__ = [
     "SkipFailedCases",
     "TrainingCurvesHandler",
     "atomic_save",
+    "bundle_workflow",
     "collate_skip_failed",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_from_latest",
+    "run_bundle",
     "unwrap_model",
 ]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, sliding_window_inference
 
 from ..diffusion.sampler import DiffusionSampler
+from ..utils import as_bool
 from .ema import unwrap_model
 
 __all__ = ["DiffusionSegInferer"]
@@ -73,8 +74,8 @@ class DiffusionSegInferer(Inferer):
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
         self.mode = mode
-        self.return_uncertainty = return_uncertainty
-        self.amp = amp
+        self.amp = as_bool(amp, "amp")
+        self.return_uncertainty = as_bool(return_uncertainty, "return_uncertainty")
         self.last_uncertainty: torch.Tensor | None = None
 
     def _sample(self, network: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from monai.data.utils import set_rnd
 
 from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
+from ..utils import as_bool
 from .ema import EMAModel
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler"]
@@ -66,12 +67,12 @@ class DiffusionTrainIteration:
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=bool(engine.amp)):
+        with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=as_bool(engine.amp, "amp")):
             losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
-        scaler = getattr(engine, "scaler", None) if engine.amp and self.amp_dtype == torch.float16 else None
+        scaler = getattr(engine, "scaler", None) if as_bool(engine.amp, "amp") and self.amp_dtype == torch.float16 else None
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(engine.optimizer)

@@ -14,6 +14,15 @@ import numpy as np  # noqa: E402
 __all__ = ["representative_slice", "save_overlay", "save_training_curves"]
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def representative_slice(label: np.ndarray) -> int:
     """Index along the last axis of a 3D label ``(H, W, D)`` with the most foreground (the middle if none)."""
     counts = (label > 0).reshape(-1, label.shape[-1]).sum(axis=0)
@@ -77,12 +86,7 @@ def save_overlay(
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]], x_key: str = "iteration") -> Path:
@@ -96,9 +100,4 @@ def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
