@@ -192,3 +192,40 @@ def test_amp_flag_from_the_command_line_is_parsed_not_truthy(tmp_path):
     run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, "resume": "false", "val_interval": 5})
     again = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert again["trainer"]["iteration"] == first["trainer"]["iteration"]  # started over, did not continue
+
+
+def test_inference_reads_mha_nrrd_and_dicom_series_and_keeps_their_geometry(tmp_path):
+    """ITK-read inputs (MetaImage, NRRD, a DICOM series folder) come back as label maps on the same grid."""
+    import SimpleITK as sitk
+
+    from tests.helpers import dicom_series
+
+    datalist = write_synthetic_dataset(tmp_path / "data", 4, (16, 16, 16), num_classes=2, in_channels=1, seed=7)
+    settings = {"spatial_dims": 3, "in_channels": 1, "num_classes": 2, "patch_size": [16, 16, 16],
+                "normalization": "zscore"}
+    run_workflow("train", "train", tmp_path, datalist=str(datalist), batch_size=2, max_epochs=1, val_interval=1,
+                 val_steps=1, **settings)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(12, 16, 20)).astype(np.float32))
+    volume.SetSpacing((0.8, 1.2, 2.5))
+    volume.SetOrigin((4.0, -3.0, 7.0))
+    sitk.WriteImage(volume, str(folder / "scan_a.mha"))
+    sitk.WriteImage(volume, str(folder / "scan_b.nrrd"))
+    dicom_series(folder / "series_c", nx=20, ny=16, nz=6)
+    run_workflow("inference", "infer", tmp_path, input_dir=str(folder), output_dir=str(tmp_path / "out"), steps=1,
+                 ensemble=1, **settings)
+    assert pd.read_csv(tmp_path / "out" / "failed_cases.csv").empty
+    for name, source in (("scan_a", folder / "scan_a.mha"), ("scan_b", folder / "scan_b.nrrd"),
+                         ("series_c", None)):
+        seg = sitk.ReadImage(str(tmp_path / "out" / f"{name}_seg.nii.gz"))
+        if source is None:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder / "series_c")))
+            ref = reader.Execute()
+        else:
+            ref = sitk.ReadImage(str(source))
+        assert seg.GetSize() == ref.GetSize(), name
+        np.testing.assert_allclose(seg.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(seg.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(seg.GetDirection(), ref.GetDirection(), atol=1e-4)

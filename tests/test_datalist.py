@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medsegdiff_bundle.data import case_name, check_case, load_datalist, select_fold, validate_cases
+from tests.helpers import dicom_series as _dicom_series
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
@@ -33,31 +34,6 @@ def _garbage(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(512))
     return str(path)
-
-
-def _dicom_series(folder: Path, nx: int = 10, ny: int = 8, nz: int = 3) -> str:
-    """A ``nz``-slice int16 CT series, one ``.dcm`` file per slice, with the tags GDCM groups a series by."""
-    folder.mkdir(parents=True, exist_ok=True)
-    volume = sitk.GetImageFromArray(np.arange(nx * ny * nz, dtype=np.int16).reshape(nz, ny, nx))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()  # keep our series UID so all slices form one series
-    root = "1.2.826.0.1.3680043.2.1125"
-    for z in range(nz):
-        slice_ = volume[:, :, z]
-        tags = {
-            "0008|0060": "CT",
-            "0020|000d": f"{root}.1",  # study instance UID
-            "0020|000e": f"{root}.2",  # series instance UID
-            "0008|0018": f"{root}.3.{z}",  # SOP instance UID
-            "0020|0013": str(z + 1),  # instance number
-            "0020|0032": f"0\\0\\{z}",  # image position (patient)
-            "0020|0037": "1\\0\\0\\0\\1\\0",  # image orientation (patient)
-        }
-        for tag, value in tags.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{z:03d}.dcm"))
-        writer.Execute(slice_)
-    return str(folder)
 
 
 def _write_json(path: Path, data) -> Path:
