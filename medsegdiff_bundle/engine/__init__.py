@@ -3,7 +3,7 @@
 from .checkpoint import atomic_save, load_checkpoint
 from .ema import EMAModel, unwrap_model
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
-from .handlers import MetricsTableHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
+from .handlers import MetricsTableHandler, TimeBudgetHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
 from .inferer import DiffusionSegInferer
 from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler
 from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
@@ -18,6 +18,7 @@ __all__ = [
     "EpochSeedHandler",
     "MetricsTableHandler",
     "SkipFailedCases",
+    "TimeBudgetHandler",
     "TrainingCurvesHandler",
     "atomic_save",
     "bundle_workflow",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..data.datalist import case_name
 from ..evaluation.metrics import case_metrics, format_summary_markdown, summarize_metrics
 from ..evaluation.visualize import save_training_curves
 
-__all__ = ["TrainingCurvesHandler", "MetricsTableHandler", "latest_checkpoint", "resume_from_latest"]
+__all__ = ["TrainingCurvesHandler", "MetricsTableHandler", "TimeBudgetHandler", "latest_checkpoint", "resume_from_latest"]
 
 
 def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> str | None:
@@ -155,3 +156,40 @@ def resume_from_latest(trainer: Any, ckpt_dir: str | Path, load_dict: dict, map_
     CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location).attach(trainer)
     logging.getLogger(__name__).info(f"resuming from {path}")
     return path
+
+
+class TimeBudgetHandler:
+    """Stop training at the end of the first epoch that finishes after ``minutes`` of wall time.
+
+    Registered before the checkpoint saver, so that epoch's checkpoint is still written and ``--resume true``
+    (or ``medsegdiff auto`` run again) continues from it. ``minutes`` ``None`` or ``<= 0`` disables the budget.
+    """
+
+    def __init__(self, minutes: float | None = None) -> None:
+        self.minutes = minutes
+        self._start: float | None = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def started(self, engine: Any) -> None:
+        self._start = time.monotonic()
+
+    def __call__(self, engine: Any) -> None:
+        if not self.minutes or self.minutes <= 0 or self._start is None:
+            return
+        elapsed = (time.monotonic() - self._start) / 60.0
+        stop = torch.tensor([float(elapsed >= self.minutes)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop after the same epoch, or the others wait forever in the next all-reduce
+            if torch.distributed.get_backend() == "nccl":
+                stop = stop.cuda()
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if bool(stop.item()):
+            logging.getLogger(__name__).info(
+                f"time budget of {self.minutes} min used ({elapsed:.1f} min) after epoch {engine.state.epoch}: stopping."
+            )
+            engine.terminate()
