@@ -229,3 +229,22 @@ def test_inference_reads_mha_nrrd_and_dicom_series_and_keeps_their_geometry(tmp_
         np.testing.assert_allclose(seg.GetSpacing(), ref.GetSpacing(), atol=1e-4)
         np.testing.assert_allclose(seg.GetOrigin(), ref.GetOrigin(), atol=1e-3)
         np.testing.assert_allclose(seg.GetDirection(), ref.GetDirection(), atol=1e-4)
+
+
+def test_time_budget_stops_after_an_epoch_and_keeps_its_checkpoint(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 50, "val_interval": 100,
+                                               "time_budget_minutes": 1e-6})
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert ckpt["trainer"]["iteration"] == ckpt["trainer"]["epoch_length"]  # stopped after epoch 1 of 50
+
+
+def test_torchrun_command_layers_the_plan_over_the_bundle(tmp_path):
+    from medsegdiff_bundle.engine.launch import torchrun_command
+
+    cmd = torchrun_command(tmp_path, tmp_path / "bundle_overrides.json", 2, max_epochs=3, channels=[8, 16])
+    configs = json.loads(cmd[cmd.index("--config_file") + 1])
+    assert [c.split("/")[-1] for c in configs] == ["train.json", "multi_gpu_train.json", "bundle_overrides.json"]
+    assert "--nproc_per_node=2" in cmd and cmd[cmd.index("--channels") + 1] == "[8, 16]"
+    single = torchrun_command(tmp_path, None, 1)
+    assert [c.split("/")[-1] for c in json.loads(single[single.index("--config_file") + 1])] == ["train.json"]
