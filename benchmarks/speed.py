@@ -1,0 +1,511 @@
+#!/usr/bin/env python
+"""Speed benchmark of MedSegDiff-V2: training throughput, fast sampling latency, and the original compute pattern.
+
+One configuration, one run, one device. Three phases (see ``benchmarks/README.md`` for what each number means):
+
+* ``train``: steady-state throughput of a full training step (``diffusion_forward`` + backward + AdamW step) at
+  ``--size`` with ``--train-batch`` (warm-up iterations excluded) and its peak memory.
+* ``fast``: latency per image of the package's inference path, ``DiffusionSegInferer`` (= ``DiffusionSampler``
+  ``"dpmpp"``, ``--steps`` steps, ``--ensemble`` members denoised as one batch, condition network run once),
+  optionally with bf16 autocast (``--amp``), channels-last (``--channels-last``) and a ``torch.compile``-d
+  denoiser (``--compile``).
+* ``reference``: the original MedSegDiff compute pattern: ``--reference-steps`` DDPM steps, ensemble members one
+  after another (batch 1 each), ``network(x_t, image, t)`` (= condition + denoise) at every step, fp32, eager.
+  Unless ``--reference-full`` is given, only ``--reference-steps-measured`` steps of one member are timed and the
+  latency is extrapolated to ``reference_steps x ensemble`` steps (recorded as ``reference_extrapolated``).
+
+Example::
+
+    python benchmarks/speed.py --preset default --device cuda --amp --reference-full
+    python benchmarks/speed.py --preset small --device cpu --out benchmarks/results/speed_cpu_2025-01-01.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(_ROOT))
+
+import monai  # noqa: E402
+
+from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler  # noqa: E402
+from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
+from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
+
+# name -> MedSegDiffV2 keyword arguments
+PRESETS: dict[str, dict] = {
+    # CPU-friendly: ~3.7 M parameters (2D, 3 input channels, binary)
+    "small": {"channels": (16, 32, 64, 128), "num_res_blocks": 1},
+    # the package default MedSegDiffV2: ~14.5 M parameters
+    "default": {"channels": (32, 64, 128, 256), "num_res_blocks": 1},
+    # for comparability with the paper's model size (MedSegDiff-V2 reports ~129 M parameters): two residual
+    # blocks per level, widths 128/256/512/512 -> ~130 M parameters (2D, 3 input channels, binary). Not the
+    # paper's exact architecture (which was not released), the same order of compute.
+    "paper": {"channels": (128, 256, 512, 512), "num_res_blocks": 2},
+}
+
+# defaults that depend on --spatial-dims: 2D = 256^2, ensemble 5; 3D = 96^3 patch, ensemble 3
+DIM_DEFAULTS = {
+    2: {"size": 256, "ensemble": 5, "train_batch": 8, "in_channels": 3},
+    3: {"size": 96, "ensemble": 3, "train_batch": 2, "in_channels": 4},
+}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "device"
+
+
+def default_out(device: torch.device, date: str) -> Path:
+    if device.type == "cuda":
+        name = slug(torch.cuda.get_device_name(device))
+    else:
+        name = f"cpu-{os.cpu_count()}c"
+    return _ROOT / "benchmarks" / "results" / f"speed_{name}_{date}.json"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) if sys.platform == "darwin" else int(rss) * 1024
+
+
+class MemoryMeter:
+    """GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CPU: growth of the process's peak RSS (``ru_maxrss``) during the phase: best effort only, since the peak is
+    process-wide and never reset (a phase that stays below an earlier peak reports ~0)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = (
+            "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_growth_best_effort (ru_maxrss)"
+        )
+
+    def __enter__(self) -> MemoryMeter:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = max_rss_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_bytes = max(0, max_rss_bytes() - self._start)
+
+    @property
+    def gb(self) -> float:
+        return self.peak_bytes / 1024**3
+
+
+class CallCounter:
+    """Count calls of ``network.condition`` / ``network.denoise`` (instance attributes shadow the methods; the
+    sampler and ``MedSegDiffV2.forward`` both look them up on the instance)."""
+
+    def __init__(self, network: MedSegDiffV2) -> None:
+        self.network = network
+        self.counts = {"condition": 0, "denoise": 0}
+        self._wrap("condition")
+        self._wrap("denoise")
+
+    def _wrap(self, name: str) -> None:
+        inner = getattr(self.network, name)  # bound method, or a compiled instance attribute
+        counts = self.counts
+
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return inner(*args, **kwargs)
+
+        setattr(self.network, name, wrapped)
+
+    def reset(self) -> None:
+        self.counts["condition"] = self.counts["denoise"] = 0
+
+    def remove(self) -> None:
+        for name in ("condition", "denoise"):
+            self.network.__dict__.pop(name, None)
+
+
+def make_batch(args, network: MedSegDiffV2, batch: int, device: torch.device, generator: torch.Generator):
+    """A synthetic image batch and an integer label map (a sphere/disc per sample, so every class occurs)."""
+    shape = (args.size,) * args.spatial_dims
+    image = torch.randn((batch, network.in_channels, *shape), generator=generator).to(device)
+    grids = torch.meshgrid(*(torch.linspace(-1, 1, s) for s in shape), indexing="ij")
+    radius = torch.sqrt(sum(g**2 for g in grids))
+    label = torch.zeros((batch, 1, *shape), dtype=torch.long)
+    for k in range(1, network.num_classes):  # nested shells: class k inside radius 1 - k / num_classes
+        label[:, 0][:, radius < 1 - k / network.num_classes] = k
+    return image, label.to(device)
+
+
+def memory_format(args) -> torch.memory_format:
+    if not args.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
+
+
+# ------------------------------------------------------------------------------------------------------ phases
+def bench_train(args, network: MedSegDiffV2, device: torch.device) -> dict:
+    """Full training step: diffusion_forward + backward + AdamW step, timed after warm-up."""
+    fmt = memory_format(args)
+    network.to(memory_format=fmt).train()
+    scheduler = make_scheduler("ddpm", args.reference_steps)
+    loss_fn = MedSegDiffLoss(network.num_classes)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    image, label = make_batch(args, network, args.train_batch, device, gen)
+    image = image.contiguous(memory_format=fmt)
+    step_gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = diffusion_forward(network, scheduler, loss_fn, image, label, generator=step_gen)["loss"]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    with MemoryMeter(device) as mem:
+        for _ in range(args.train_warmup):
+            step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.train_iters):
+            loss = step()
+        sync(device)
+        elapsed = time.perf_counter() - start
+    last_loss = float(loss.detach())
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    images = args.train_batch * args.train_iters
+    voxels_per_image = args.size**args.spatial_dims
+    return {
+        "warmup_iters": args.train_warmup,
+        "timed_iters": args.train_iters,
+        "batch": args.train_batch,
+        "elapsed_s": elapsed,
+        "s_per_iter": elapsed / args.train_iters,
+        "img_per_s": images / elapsed,
+        "voxels_per_s": images * voxels_per_image / elapsed,
+        "peak_mem_gb": mem.gb,
+        "peak_mem_kind": mem.kind,
+        "last_loss": last_loss,
+        "loss_finite": math.isfinite(last_loss),
+    }
+
+
+def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
+    """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch."""
+    fmt = memory_format(args)
+    network.to(memory_format=fmt).eval()
+    if args.compile:
+        network.denoise = torch.compile(network.denoise)  # instance attribute: the sampler calls network.denoise
+    counter = CallCounter(network)
+    inferer = DiffusionSegInferer("dpmpp", steps=args.steps, ensemble=args.ensemble, seed=args.seed, amp=args.amp)
+    warm_inferer = DiffusionSegInferer("dpmpp", steps=min(2, args.steps), ensemble=args.ensemble, seed=args.seed,
+                                       amp=args.amp)  # same shapes: warms up kernels (and compilation)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    image, _ = make_batch(args, network, args.sample_batch, device, gen)
+    image = image.contiguous(memory_format=fmt)
+    try:
+        with torch.no_grad():
+            warm_start = time.perf_counter()
+            for _ in range(args.sample_warmup):
+                warm_inferer(image, network)
+            sync(device)
+            warmup_s = time.perf_counter() - warm_start
+            counter.reset()
+            times = []
+            with MemoryMeter(device) as mem:
+                for _ in range(args.repeats):
+                    sync(device)
+                    start = time.perf_counter()
+                    out = inferer(image, network)
+                    sync(device)
+                    times.append(time.perf_counter() - start)
+        finite = bool(torch.isfinite(out).all())
+    finally:
+        counter.remove()  # also drops the compiled denoiser: the reference mode runs eager
+    calls = args.repeats
+    latency = statistics.median(times) / args.sample_batch
+    return {
+        "sampler": "dpmpp",
+        "steps": args.steps,
+        "ensemble": args.ensemble,
+        "image_batch": args.sample_batch,
+        "amp_bf16": args.amp,
+        "channels_last": args.channels_last,
+        "compiled_denoiser": args.compile,
+        "warmup_calls": args.sample_warmup,
+        "warmup_s": warmup_s,
+        "repeats": args.repeats,
+        "call_times_s": times,
+        "latency_per_image_s": latency,
+        "sampling_calls": calls,
+        "condition_calls": counter.counts["condition"],
+        "denoise_calls": counter.counts["denoise"],
+        "condition_calls_per_call": counter.counts["condition"] / calls,
+        "denoise_calls_per_call": counter.counts["denoise"] / calls,
+        "peak_mem_gb": mem.gb,
+        "peak_mem_kind": mem.kind,
+        "output_finite": finite,
+    }
+
+
+def bench_reference(args, network: MedSegDiffV2, device: torch.device) -> dict:
+    """Original MedSegDiff pattern: DDPM over all steps, members one after another at batch 1, condition recomputed
+    at every step (``network(x_t, image, t)``), fp32, eager, contiguous memory."""
+    network.to(memory_format=torch.contiguous_format).eval()
+    counter = CallCounter(network)
+    total_steps = args.reference_steps
+    full = args.reference_full or args.reference_steps_measured >= total_steps
+    measured_steps = total_steps if full else args.reference_steps_measured
+    measured_members = args.ensemble if full else 1
+    scheduler = make_scheduler("ddpm", total_steps, prediction_type="epsilon")  # the original predicts the noise
+    scheduler.set_timesteps(total_steps)
+    timesteps = scheduler.timesteps.tolist()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    image, _ = make_batch(args, network, 1, device, gen)
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (1, network.mask_channels, *image.shape[2:])
+
+    def run_member(steps: list[int]) -> torch.Tensor:
+        x = torch.randn(shape, generator=noise_gen, device=device)
+        for t in steps:
+            eps, _ = network(x, image, torch.full((1,), t, device=device, dtype=torch.long))
+            x, _ = scheduler.step(eps, t, x, generator=noise_gen)
+        return x
+
+    try:
+        with torch.no_grad():
+            run_member(timesteps[: args.reference_warmup_steps])  # warm-up, excluded
+            sync(device)
+            counter.reset()
+            with MemoryMeter(device) as mem:
+                start = time.perf_counter()
+                for _ in range(measured_members):
+                    x = run_member(timesteps[:measured_steps])
+                sync(device)
+                elapsed = time.perf_counter() - start
+        finite = bool(torch.isfinite(x).all())
+    finally:
+        counter.remove()
+    per_step = elapsed / (measured_steps * measured_members)
+    latency = per_step * total_steps * args.ensemble
+    return {
+        "sampler": "ddpm",
+        "prediction_type": "epsilon",
+        "precision": "fp32",
+        "reference_steps": total_steps,
+        "ensemble": args.ensemble,
+        "members_batch": 1,
+        "extrapolated": not full,
+        "warmup_steps": args.reference_warmup_steps,
+        "measured_steps": measured_steps,
+        "measured_members": measured_members,
+        "measured_s": elapsed,
+        "per_step_s": per_step,
+        "latency_per_image_s": latency,
+        "latency_formula": "per_step_s * reference_steps * ensemble" if not full else "measured",
+        "condition_calls": counter.counts["condition"],
+        "denoise_calls": counter.counts["denoise"],
+        "condition_calls_full_run": total_steps * args.ensemble,
+        "peak_mem_gb": mem.gb,
+        "peak_mem_kind": mem.kind,
+        "output_finite": finite,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output (default benchmarks/results/speed_<device>_<date>.json)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size (see PRESETS)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--size", type=int, default=None, help="spatial size per axis (default 256 in 2D, 96 in 3D)")
+    p.add_argument("--in-channels", type=int, default=None, help="image channels (default 3 in 2D, 4 in 3D)")
+    p.add_argument("--num-classes", type=int, default=2, help="classes including background (2 = binary)")
+    p.add_argument("--ensemble", type=int, default=None, help="members per image (default 5 in 2D, 3 in 3D)")
+    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps of the fast path")
+    p.add_argument("--sample-batch", type=int, default=1, help="images per sampling call (latency is per image)")
+    p.add_argument("--repeats", type=int, default=3, help="timed sampling calls (the median is reported)")
+    p.add_argument("--sample-warmup", type=int, default=None,
+                   help="untimed 2-step sampling calls before timing (default 1; 3 with --compile)")
+    p.add_argument("--reference-steps", type=int, default=1000, help="DDPM steps of the reference mode (T)")
+    p.add_argument("--reference-steps-measured", type=int, default=10,
+                   help="steps of one member timed in the reference mode before extrapolating")
+    p.add_argument("--reference-warmup-steps", type=int, default=1, help="untimed reference steps before timing")
+    p.add_argument("--reference-full", action="store_true",
+                   help="run the reference mode completely (reference_steps x ensemble steps; meant for GPUs)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 in 2D, 2 in 3D)")
+    p.add_argument("--train-iters", type=int, default=20, help="timed training iterations")
+    p.add_argument("--train-warmup", type=int, default=3, help="untimed training iterations before timing")
+    p.add_argument("--skip-train", action="store_true", help="skip the training phase")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser of the fast path")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.sample_warmup is None:  # compiled kernels keep settling for a call or two after the first compilation
+        args.sample_warmup = 3 if args.compile else 1
+    for key, value in DIM_DEFAULTS[args.spatial_dims].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    positive = ("size", "ensemble", "steps", "sample_batch", "repeats", "reference_steps", "reference_steps_measured",
+                "train_batch", "train_iters")
+    for key in positive:
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.steps > args.reference_steps:
+        p.error("--steps must not exceed --reference-steps (the training T the sampler uses)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    now = _dt.datetime.now()
+    date = now.strftime("%Y-%m-%d")
+
+    preset = PRESETS[args.preset]
+    network = MedSegDiffV2(
+        spatial_dims=args.spatial_dims, in_channels=args.in_channels, num_classes=args.num_classes, **preset
+    ).to(device)
+    if args.size % network.divisor:
+        raise SystemExit(f"--size {args.size} must be a multiple of {network.divisor} for this preset")
+    n_params = sum(p.numel() for p in network.parameters())
+
+    phases: dict[str, dict] = {}
+    if not args.skip_train:  # first, so that the CPU peak-RSS growth is attributable to it
+        phases["train"] = bench_train(args, network, device)
+    network.zero_grad(set_to_none=True)
+    phases["fast"] = bench_fast(args, network, device)
+    phases["reference"] = bench_reference(args, network, device)
+
+    fast, ref = phases["fast"], phases["reference"]
+    s, n = args.size, args.ensemble
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update({
+        "channels": list(preset["channels"]),
+        "num_res_blocks": preset["num_res_blocks"],
+        "parameter_count": n_params,
+        "input_shape": [args.in_channels] + [s] * args.spatial_dims,
+        "torch_num_threads": torch.get_num_threads(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    })
+    result: dict = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "monai_version": monai.__version__,
+        "python_version": platform.python_version(),
+        "date": date,
+        "timestamp": now.isoformat(timespec="seconds"),
+        "settings": settings,
+        # size-independent keys
+        "ensemble_latency_s": fast["latency_per_image_s"],
+        "reference_latency_s": ref["latency_per_image_s"],
+        "reference_extrapolated": ref["extrapolated"],
+        "speedup": ref["latency_per_image_s"] / fast["latency_per_image_s"],
+        # keys naming the measured size and ensemble (e.g. ensemble5_latency_s_256)
+        f"ensemble{n}_latency_s_{s}": fast["latency_per_image_s"],
+        f"reference_latency_s_{s}": ref["latency_per_image_s"],
+    }
+    if "train" in phases:
+        tr = phases["train"]
+        result["train_img_per_s"] = tr["img_per_s"]
+        result[f"train_img_per_s_{s}"] = tr["img_per_s"]
+        if args.spatial_dims == 3:
+            result["train_voxels_per_s"] = tr["voxels_per_s"]
+            result[f"train_voxels_per_s_{s}"] = tr["voxels_per_s"]
+        result["train_peak_mem_gb"] = tr["peak_mem_gb"]
+        result["train_peak_mem_kind"] = tr["peak_mem_kind"]
+    result["phases"] = phases
+
+    out = args.out or default_out(device, date)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, args)
+    print(f"\nwrote {out}")
+    return result
+
+
+def print_table(result: dict, args) -> None:
+    s, dims = args.size, args.spatial_dims
+    shape = "x".join([str(s)] * dims)
+    ph = result["phases"]
+    ref, fast = ph["reference"], ph["fast"]
+    opts = [o for o, on in (("bf16", args.amp), ("channels-last", args.channels_last), ("compile", args.compile)) if on]
+    rows = [
+        ("device", result["device"]),
+        ("model", f"preset {args.preset}, {result['settings']['parameter_count'] / 1e6:.1f} M parameters, {dims}D {shape}"),
+    ]
+    if "train" in ph:
+        tr = ph["train"]
+        unit = f"{tr['img_per_s']:.2f} img/s" if dims == 2 else f"{tr['voxels_per_s'] / 1e6:.2f} Mvoxel/s ({tr['img_per_s']:.3f} patch/s)"
+        rows += [
+            (f"train throughput (batch {tr['batch']})", unit),
+            ("train peak memory", f"{tr['peak_mem_gb']:.3f} GB [{tr['peak_mem_kind']}]"),
+        ]
+    rows += [
+        (f"fast: dpmpp {args.steps} steps, ensemble {args.ensemble}" + (f" [{', '.join(opts)}]" if opts else ""),
+         f"{fast['latency_per_image_s']:.3f} s/image (condition calls per call: {fast['condition_calls_per_call']:g})"),
+        (f"reference: ddpm {ref['reference_steps']} x {ref['ensemble']} members, fp32",
+         f"{ref['latency_per_image_s']:.3f} s/image"
+         + (f" (extrapolated from {ref['measured_steps']} steps, {ref['per_step_s']:.4f} s/step)" if ref["extrapolated"] else " (measured)")),
+        ("speedup (reference / fast)", f"{result['speedup']:.1f}x"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

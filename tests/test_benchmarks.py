@@ -1,0 +1,78 @@
+"""Smoke test of ``benchmarks/speed.py``: tiny settings on CPU, run as a subprocess like a user would."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "speed.py"
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "small", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "speedup" in proc.stdout  # the human-readable table
+    return json.loads(out.read_text())
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_speed_benchmark_smoke(tmp_path):
+    steps, measured = 2, 2
+    result = _run(
+        tmp_path, "smoke", "--size", "32", "--train-batch", "2", "--train-iters", "2", "--train-warmup", "1",
+        "--steps", str(steps), "--repeats", "1", "--reference-steps-measured", str(measured),
+    )
+    for key in ("device", "torch_version", "monai_version", "date", "settings", "phases"):
+        assert key in result, key
+    assert result["settings"]["size"] == 32 and result["settings"]["ensemble"] == 5
+    assert result["settings"]["parameter_count"] > 0
+    numbers = ("ensemble_latency_s", "reference_latency_s", "speedup", "train_img_per_s",
+               "ensemble5_latency_s_32", "reference_latency_s_32", "train_img_per_s_32")
+    for key in numbers:
+        assert _positive_finite(result[key]), (key, result.get(key))
+    assert math.isfinite(result["train_peak_mem_gb"]) and result["train_peak_mem_gb"] >= 0
+    # the _256 keys name the size: absent when another size was measured
+    assert "ensemble5_latency_s_256" not in result and "train_img_per_s_256" not in result
+
+    fast, ref = result["phases"]["fast"], result["phases"]["reference"]
+    # the fast path must beat the original compute pattern even for a tiny model
+    assert result["speedup"] > 1
+    assert result["speedup"] == pytest.approx(ref["latency_per_image_s"] / fast["latency_per_image_s"])
+    # fast path: condition network once per sampling call, one denoiser call per solver step
+    assert fast["condition_calls"] == fast["sampling_calls"] == 1
+    assert fast["denoise_calls"] == steps
+    # reference: extrapolated from `measured` steps of one member, condition recomputed at every step
+    assert result["reference_extrapolated"] is True and ref["extrapolated"] is True
+    assert ref["measured_steps"] == measured and ref["measured_members"] == 1
+    assert ref["condition_calls"] == ref["denoise_calls"] == measured * ref["measured_members"]
+    assert ref["condition_calls_full_run"] == 1000 * 5
+    assert ref["latency_per_image_s"] == pytest.approx(ref["per_step_s"] * 1000 * 5)
+    assert fast["output_finite"] and ref["output_finite"] and result["phases"]["train"]["loss_finite"]
+
+
+@pytest.mark.slow
+def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
+    steps, ensemble = 3, 2
+    result = _run(
+        tmp_path, "full", "--size", "16", "--skip-train", "--ensemble", str(ensemble), "--steps", "2",
+        "--repeats", "1", "--reference-steps", str(steps), "--reference-full",
+    )
+    ref = result["phases"]["reference"]
+    assert result["reference_extrapolated"] is False
+    # every member sequentially at batch 1, the condition network rerun at every step: steps x members
+    assert ref["measured_members"] == ensemble and ref["measured_steps"] == steps
+    assert ref["condition_calls"] == ref["denoise_calls"] == steps * ensemble
+    assert result["phases"]["fast"]["condition_calls"] == 1
+    assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
