@@ -69,6 +69,7 @@ class PrepareLabeld(MapTransform):
 
     * several channels (RGB-encoded masks such as Kvasir's JPEGs) -> the first channel;
     * ``threshold``: ``label > threshold`` -> 1 (binary masks stored as 0/255);
+    * ``mapping``: stored value -> class index (e.g. BraTS ``{4: 3}``, REFUGE2 ``{255: 0, 128: 1, 0: 2}``);
     * values must be integers in ``[0, num_classes)``;
     * the label's spatial size must equal the image's.
 
@@ -77,15 +78,22 @@ class PrepareLabeld(MapTransform):
         num_classes: classes including background.
         threshold: binarisation threshold, or ``None``.
         image_key: image key for the size check (``None`` skips it).
+        mapping: stored label value -> class index, applied to all values at once (so swaps are safe).
     """
 
     def __init__(
-        self, keys: KeysCollection, num_classes: int, threshold: float | None = None, image_key: str | None = "image"
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        threshold: float | None = None,
+        image_key: str | None = "image",
+        mapping: Mapping[Any, int] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.num_classes = num_classes
         self.threshold = threshold
         self.image_key = image_key
+        self.mapping = {float(k): int(v) for k, v in (mapping or {}).items()}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -95,6 +103,12 @@ class PrepareLabeld(MapTransform):
                 label = label[:1]
             if self.threshold is not None:
                 label = (label > self.threshold).to(torch.uint8) if isinstance(label, torch.Tensor) else (label > self.threshold).astype(np.uint8)
+            if self.mapping:
+                source = torch.as_tensor(label).float()
+                mapped = source.clone()
+                for stored, target in self.mapping.items():
+                    mapped[source == stored] = target
+                label = mapped
             values = torch.as_tensor(label).float()
             if not torch.equal(values, values.round()):
                 raise ValueError(
@@ -214,6 +228,7 @@ def build_preprocessing(
     target_spacing: Sequence[float] | None = None,
     label_threshold: float | None = None,
     num_samples: int = 1,
+    label_mapping: Mapping[Any, int] | None = None,
     image_key: str = "image",
     label_key: str = "label",
 ) -> Compose:
@@ -230,6 +245,7 @@ def build_preprocessing(
         normalization: one of ``NORMALIZATIONS``.
         target_spacing: 3D resampling spacing (mm), or ``None`` to keep the native spacing.
         label_threshold: binarise labels at this value (e.g. 127 for 0/255 masks).
+        label_mapping: stored label value -> class index (e.g. ``{"4": 3}`` for BraTS 2021).
         num_samples: 3D training patches per volume.
         image_key, label_key: dictionary keys.
     """
@@ -252,7 +268,9 @@ def build_preprocessing(
             xforms.append(Spacingd(geo_keys, pixdim=list(target_spacing), mode=interp))
     if with_label:
         # the size check only makes sense while image and label share a geometry
-        xforms.append(PrepareLabeld(label_key, num_classes, label_threshold, image_key if stage != "evaluate" else None))
+        xforms.append(
+            PrepareLabeld(label_key, num_classes, label_threshold, image_key if stage != "evaluate" else None, label_mapping)
+        )
     xforms += normalization_transforms(image_key, normalization)
     if spatial_dims == 2:
         xforms.append(Resized(geo_keys, spatial_size=list(patch_size), mode=["area", "nearest"][: len(geo_keys)]))
