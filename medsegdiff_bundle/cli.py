@@ -1,6 +1,7 @@
 """The ``medsegdiff`` command (python-fire). ``medsegdiff <verb> --help`` documents each verb.
 
-Verbs: ``demo``, ``datasets``, ``convert``, ``fingerprint``, ``plan``, ``train``, ``infer``, ``evaluate``, ``auto``.
+Verbs: ``demo``, ``datasets``, ``convert``, ``fingerprint``, ``plan``, ``train``, ``infer``, ``evaluate``, ``auto``,
+``export-bundle``.
 ``train`` / ``infer`` / ``evaluate`` run the MONAI bundle's configs; any further ``--key value`` is a bundle
 override (as with ``python -m monai.bundle run``).
 """
@@ -162,6 +163,22 @@ class CLI:
 
         _print(run_auto(datalist, dataroot, output, time_budget, gpu_memory_gb, gpus, label_threshold, max_epochs,
                         **overrides))
+
+    def export_bundle(self, out: str = "dist", name: str = "medsegdiff_v2", weights: str | None = None) -> None:
+        """Write a self-contained MONAI Model-Zoo bundle: the folder <out>/<name>/ and <out>/<name>.zip.
+
+        The package's code is vendored under scripts/medsegdiff_bundle/ (the configs reference
+        scripts.medsegdiff_bundle), so the bundle runs with the Model Zoo's requirements only; run it from its folder.
+
+        Args:
+            out: output folder.
+            name: bundle name (folder and zip name).
+            weights: a model.pt to ship as models/model.pt (default: none; large_files.yml says where it would come from).
+        """
+        from .export import export_bundle
+
+        folder, zip_path = export_bundle(out=out, name=name, weights=weights)
+        _print({"folder": str(folder), "zip": str(zip_path)})
 
 
 def main(argv: list[str] | None = None) -> None:
