@@ -91,8 +91,8 @@ def run_auto(
 
     world_size = int(gpus if gpus is not None else plans["ddp"]["world_size"])
     run_overrides: dict[str, Any] = {"datalist": str(Path(datalist).resolve()), "fold": fold, **overrides}
-    if dataroot is not None:
-        run_overrides["dataset_dir"] = str(Path(dataroot).resolve())
+    # relative datalist paths start at dataroot, or at the datalist's own folder (as load_datalist does)
+    run_overrides["dataset_dir"] = str(Path(dataroot if dataroot is not None else Path(datalist).parent).resolve())
     if label_threshold is not None:
         run_overrides["label_threshold"] = label_threshold
     if time_budget is not None:

@@ -1,5 +1,8 @@
 """Shared test settings: deterministic, small, CPU."""
 
+import locale
+import warnings
+
 import pytest
 import torch
 
@@ -8,3 +11,14 @@ import torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale(request):
+    """Some C libraries reset LC_CTYPE to "C" (then Python decodes subprocess output as ASCII); undo and report it."""
+    before = locale.setlocale(locale.LC_CTYPE)
+    yield
+    after = locale.setlocale(locale.LC_CTYPE)
+    if after != before:
+        locale.setlocale(locale.LC_CTYPE, before)
+        warnings.warn(f"{request.node.nodeid} changed LC_CTYPE from {before!r} to {after!r}; restored.")

@@ -17,7 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "speed.py"
 def _run(tmp_path: Path, name: str, *extra: str) -> dict:
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "small", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "speedup" in proc.stdout  # the human-readable table
     return json.loads(out.read_text())

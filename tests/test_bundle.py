@@ -4,6 +4,7 @@ NIfTI data, outputs in the input's geometry, exact resume, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_literal_bundle_run_command_trains(tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
            "--bundle_root", str(tmp_path), "--max_epochs", "1", "--channels", "[8,16,32]", "--patch_size", "[32,32]",
            "--num_workers", "0", "--val_interval", "1", "--val_steps", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "models" / "model.pt").is_file()
     assert latest_checkpoint(tmp_path / "models") is not None
@@ -248,3 +249,14 @@ def test_torchrun_command_layers_the_plan_over_the_bundle(tmp_path):
     assert "--nproc_per_node=2" in cmd and cmd[cmd.index("--channels") + 1] == "[8, 16]"
     single = torchrun_command(tmp_path, None, 1)
     assert [c.split("/")[-1] for c in json.loads(single[single.index("--config_file") + 1])] == ["train.json"]
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_n_iterations_and_at_epoch_end(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 12, (32, 32), seed=10)  # 9-10 training cases -> 5 iterations of 2
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "batch_size": 2, "grad_accum": 2, "max_epochs": 2,
+                                               "val_interval": 100})
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    per_epoch = ckpt["trainer"]["epoch_length"]
+    optimizer_steps = int(ckpt["optimizer"]["state"][0]["step"])
+    assert optimizer_steps == 2 * math.ceil(per_epoch / 2)  # a flush at each epoch end
+    assert optimizer_steps < ckpt["trainer"]["iteration"]

@@ -54,7 +54,7 @@ def _torchrun(root: Path, probe: Path) -> subprocess.CompletedProcess:
         "--batch_size", str(BATCH), "--num_workers", "0", "--val_steps", "3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env)
 
 
 def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):

@@ -63,7 +63,7 @@ def test_verify_metadata_cli_passes():
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata",
          "--meta_file", "bundle/configs/metadata.json", "--filepath", "tests/resources/meta_schema.json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
@@ -125,7 +125,7 @@ def test_missing_required_field_fails_cli(tmp_path, metadata):
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "verify_metadata",
          "--meta_file", str(meta_file), "--filepath", str(SCHEMA_FILE)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output

@@ -51,7 +51,7 @@ def test_demo_3d_multiclass_writes_nifti(tmp_path):
 
 
 def test_cli_help_lists_demo_options():
-    out = subprocess.run([sys.executable, "-m", "medsegdiff_bundle", "demo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "medsegdiff_bundle", "demo", "--help"], capture_output=True, encoding="utf-8", errors="replace",
                          timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
@@ -60,7 +60,7 @@ def test_cli_help_lists_demo_options():
 
 def test_cli_refuses_unknown_sampler_before_training(tmp_path):
     out = subprocess.run([sys.executable, "-m", "medsegdiff_bundle", "demo", "--sampler", "euler", "--output_dir",
-                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path)], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert out.returncode != 0
     assert "sampler must be one of" in out.stderr
     assert not (tmp_path / "models").exists()

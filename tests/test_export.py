@@ -100,7 +100,7 @@ def hidden_env(tmp_path_factory) -> dict:
 
 
 def _run(args: list[str], bundle: Path, env: dict) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=bundle, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=bundle, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return output

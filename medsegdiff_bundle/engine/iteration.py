@@ -37,6 +37,10 @@ class DiffusionTrainIteration:
         amp_dtype: ``"bfloat16"`` (no loss scaling needed) or ``"float16"`` (uses the trainer's GradScaler);
             only used when the trainer has ``amp=True``.
 
+    Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
+    the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch
+    is ``batch_size * accumulation_steps`` (per process) and no gradient crosses an epoch (resume stays exact).
+
     The trainer output holds ``image``, ``label``, ``loss`` and the two loss terms ``diffusion_loss``/``anchor_loss``.
     """
 
@@ -66,26 +70,34 @@ class DiffusionTrainIteration:
         device = image.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        accumulate = max(1, int(getattr(engine, "accumulation_steps", 1) or 1))
+        in_epoch = (int(engine.state.iteration) - 1) % max(1, int(engine.state.epoch_length or 1))
+        first_of_cycle = in_epoch % accumulate == 0
+        last_of_cycle = in_epoch % accumulate == accumulate - 1 or in_epoch == int(engine.state.epoch_length or 1) - 1
+        if first_of_cycle:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=as_bool(engine.amp, "amp")):
             losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
         scaler = getattr(engine, "scaler", None) if as_bool(engine.amp, "amp") and self.amp_dtype == torch.float16 else None
+        backward_loss = loss / accumulate
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(engine.optimizer)
+            scaler.scale(backward_loss).backward()
         else:
-            loss.backward()
+            backward_loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if self.grad_clip and self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
-        if scaler is not None:
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            engine.optimizer.step()
+        if last_of_cycle:
+            if scaler is not None:
+                scaler.unscale_(engine.optimizer)
+            if self.grad_clip and self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+            if scaler is not None:
+                scaler.step(engine.optimizer)
+                scaler.update()
+            else:
+                engine.optimizer.step()
         engine.state.output = {
             Keys.IMAGE: image,
             Keys.LABEL: label,

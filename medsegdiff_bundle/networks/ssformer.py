@@ -103,7 +103,8 @@ def _band_pass(tokens: torch.Tensor, mask: torch.Tensor, spatial_shape: tuple[in
         x = tokens.float().transpose(1, 2).reshape(b, c, *spatial_shape)
         spectrum = torch.fft.rfftn(x, dim=dims, norm="ortho") * mask.float()
         x = torch.fft.irfftn(spectrum, s=spatial_shape, dim=dims, norm="ortho")
-    return x.reshape(b, c, n).transpose(1, 2).to(tokens.dtype)
+    # contiguous so scaled_dot_product_attention can pick its fused (flash / memory-efficient) kernels
+    return x.reshape(b, c, n).transpose(1, 2).contiguous().to(tokens.dtype)
 
 
 class SpectralCrossAttention(nn.Module):
