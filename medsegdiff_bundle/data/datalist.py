@@ -29,7 +29,16 @@ import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
 from tqdm.auto import tqdm
 
-__all__ = ["load_datalist", "select_fold", "case_name", "check_case", "validate_cases"]
+__all__ = [
+    "case_name",
+    "cases_from_folder",
+    "check_case",
+    "find_cases",
+    "load_datalist",
+    "select_fold",
+    "strip_image_extension",
+    "validate_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +120,8 @@ def select_fold(items: list[dict], fold: int | None, validation: bool) -> list[d
     return [item for item, sel in zip(items, in_fold) if sel == validation]
 
 
-def _strip_extension(name: str) -> str:
+def strip_image_extension(name: str) -> str:
+    """``case.nii.gz`` -> ``case``: drop a known image extension (or any alphabetic one; numeric DICOM UIDs stay)."""
     lower = name.lower()
     for ext in _KNOWN_EXTENSIONS:
         if lower.endswith(ext) and len(name) > len(ext):
@@ -137,7 +147,7 @@ def case_name(item: dict, key: str = "image") -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise KeyError(f"Case has no path under {key!r}: {item}")
     path = Path(value)
-    return path.name if path.is_dir() else _strip_extension(path.name)
+    return path.name if path.is_dir() else strip_image_extension(path.name)
 
 
 def _as_paths(value) -> list[str] | None:

@@ -42,6 +42,7 @@ from monai.transforms import (
 )
 
 from ..evaluation.visualize import save_overlay
+from .datalist import strip_image_extension
 
 __all__ = [
     "NORMALIZATIONS",
@@ -189,11 +190,7 @@ class SaveOverlayd(MapTransform):
             return np.swapaxes(a, 1, 2) if a.ndim == 3 else a  # (C, W, H) -> (C, H, W) for 2D display
 
         image, pred, label, unc = (arr(k) for k in (self.image_key, self.pred_key, self.label_key, self.uncertainty_key))
-        name = Path(_source(d, self.image_key)).name
-        for ext in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".nrrd", ".mha", ".mhd"):
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
+        name = strip_image_extension(Path(_source(d, self.image_key)).name)
         save_overlay(
             self.output_dir / f"{name}_overlay.png",
             image,

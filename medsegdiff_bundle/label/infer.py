@@ -38,7 +38,9 @@ from monai.transforms import LoadImaged, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
+from ..diffusion.schedulers import SAMPLERS
 from ..engine.inferer import DiffusionSegInferer
 from .bundle import bundle_parser, class_labels
 
@@ -47,8 +49,6 @@ __all__ = ["ImageReadError", "MedSegDiffInferTask", "SaveUncertaintyd", "Squeeze
 logger = logging.getLogger(__name__)
 
 UNCERTAINTY_KEY = "uncertainty"
-SAMPLERS = ("dpmpp", "ddim", "ddpm")
-_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 class ImageReadError(RuntimeError):
@@ -57,11 +57,7 @@ class ImageReadError(RuntimeError):
 
 def image_stem(path: str | os.PathLike | None) -> str:
     """File name without the image extension (``case.nii.gz`` -> ``case``)."""
-    name = Path(str(path or "image")).name
-    for ext in _EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return strip_image_extension(Path(str(path or "image")).name)
 
 
 def _affine4(affine: Any) -> np.ndarray:
