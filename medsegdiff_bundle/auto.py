@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +18,11 @@ import pandas as pd
 from .engine.handlers import latest_checkpoint
 from .engine.launch import launch_training
 from .engine.workflow import run_bundle
+from .utils import write_json_atomic
 
 __all__ = ["run_auto"]
 
 logger = logging.getLogger(__name__)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run_auto(
@@ -106,7 +98,7 @@ def run_auto(
         logger.info(f"training ({world_size} process(es)){', resuming' if resume else ''}")
         launch_training(out, overrides_path, world_size, resume=resume, synthetic_if_missing=False, **run_overrides)
         state["trained"] = True
-        _write_json(state_path, state)
+        write_json_atomic(state_path, state)
 
     summary: dict[str, Any] = {"output": str(out), "plans": str(plans_path), "world_size": world_size}
     if evaluate:
@@ -122,5 +114,5 @@ def run_auto(
         summary.update({"dice_mean": float(per_case["dice"].mean()), "iou_mean": float(per_case["iou"].mean()),
                         "hd95_mean": float(table["hd95"].mean()), "cases_evaluated": int(len(per_case)),
                         "metrics": str(metrics_path)})
-    _write_json(out / "auto_summary.json", summary)
+    write_json_atomic(out / "auto_summary.json", summary)
     return summary

@@ -1,10 +1,16 @@
-"""Small helpers shared by the package."""
+"""Small helpers shared by the package: boolean flags from the command line, atomic file writes."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["as_bool"]
+__all__ = ["as_bool", "atomic_path", "atomic_open", "write_json_atomic"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", "none", "null", ""}
@@ -21,3 +27,39 @@ def as_bool(value: Any, name: str = "value") -> bool:
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}.")
     return bool(value)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on error it is
+    removed. A reader (or a crash) never sees a half-written file. ``suffix`` keeps writers that choose the
+    format from the extension happy (e.g. ``.nii.gz``)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """``open()`` for writing through :func:`atomic_path` (text mode defaults to UTF-8); flushed and fsynced."""
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Pretty-printed UTF-8 JSON, written atomically."""
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return Path(path)

@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from PIL import Image
 
 from medsegdiff_bundle.data import case_name, check_case, load_datalist, select_fold, validate_cases

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ..utils import write_json_atomic
 
 __all__ = ["Case", "RawDataset", "assign_folds", "convert", "list_datasets"]
 
@@ -292,19 +293,6 @@ def _relpath(path: Path, base: Path) -> str:
         return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base))).as_posix()
     except ValueError:
         return Path(os.path.abspath(path)).as_posix()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    # temp file in the target folder + os.replace: a reader never sees a half-written file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict:
@@ -870,8 +858,8 @@ def convert(
         if cases:
             datalist[split] = [_entry(c, base, None) for c in sorted(cases, key=lambda c: c.case_id)]
 
-    _write_json_atomic(dataset_json_path, dataset_json)
+    write_json_atomic(dataset_json_path, dataset_json)
     datalist_path = out / "datalist.json"
-    _write_json_atomic(datalist_path, datalist)
+    write_json_atomic(datalist_path, datalist)
     logger.info("%s: %s written (%s)", key, datalist_path, ", ".join(f"{k}={v}" for k, v in counts.items()))
     return datalist_path

@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
 from tqdm.auto import tqdm
+
+from ..utils import atomic_open
 
 __all__ = [
     "case_name",
@@ -246,19 +247,10 @@ def _safe_check(item: dict, keys: Sequence[str]) -> str | None:
 
 
 def _write_report(report_path: str | Path, rows: list[tuple[str, str]]) -> None:
-    path = Path(report_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # temp file in the same folder + os.replace: a reader never sees a half-written report
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case", "problem"])
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(report_path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "problem"])
+        writer.writerows(rows)
 
 
 def validate_cases(

@@ -10,14 +10,14 @@ runs the normal MONAI iteration on the remaining cases and, when the run complet
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from monai.data import Dataset, list_data_collate
+
+from ..utils import atomic_open
 
 __all__ = ["FAILED_KEY", "FaultTolerantDataset", "collate_skip_failed", "SkipFailedCases"]
 
@@ -88,11 +88,8 @@ class SkipFailedCases:
 
     def write_report(self, engine: Any = None) -> Path:
         """Write the CSV atomically and log the list of failed cases."""
-        self.report_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.report_path.parent, suffix=".csv.tmp")
-        os.close(fd)
-        pd.DataFrame(self.failures, columns=["case", "error"]).to_csv(tmp, index=False)
-        os.replace(tmp, self.report_path)
+        with atomic_open(self.report_path, newline="") as f:
+            pd.DataFrame(self.failures, columns=["case", "error"]).to_csv(f, index=False)
         if self.failures:
             lines = "\n".join(f"  {case}: {error}" for case, error in self.failures)
             logger.warning(f"{len(self.failures)} case(s) failed and were skipped (see {self.report_path}):\n{lines}")

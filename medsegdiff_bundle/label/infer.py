@@ -42,6 +42,7 @@ from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
 from ..diffusion.schedulers import SAMPLERS
 from ..engine.inferer import DiffusionSegInferer
+from ..utils import atomic_path
 from .bundle import bundle_parser, class_labels
 
 __all__ = ["ImageReadError", "MedSegDiffInferTask", "SaveUncertaintyd", "SqueezeLabeld", "UNCERTAINTY_KEY"]
@@ -112,14 +113,8 @@ class SaveUncertaintyd(MapTransform):
         affine = _affine4(unc.affine) if isinstance(unc, MetaTensor) else np.eye(4)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / f"{image_stem(d.get(self.path_key))}_uncertainty.nii.gz"
-        fd, tmp = tempfile.mkstemp(prefix=".unc_", suffix=".nii.gz", dir=self.output_dir)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".nii.gz") as tmp:
             nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         result = dict(d.get(self.result_key) or {})
         result["uncertainty"] = {
             "file": str(path),

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -44,6 +42,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm.auto import tqdm
 
 from ..data.datalist import case_name, load_datalist, validate_cases
+from ..utils import atomic_open
 
 __all__ = ["FINGERPRINT_VERSION", "extract_fingerprint", "save_fingerprint", "load_fingerprint"]
 
@@ -449,15 +448,8 @@ def extract_fingerprint(
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, newline="") as f:
+        write(f)
 
 
 def _cases_table(fp: dict) -> pd.DataFrame:

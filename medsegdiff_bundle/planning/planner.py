@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils import write_json_atomic
 from .memory import GIB, load_memory_model, predict_training_memory
 
 __all__ = [
@@ -625,9 +626,7 @@ def save_plans(plans: Mapping, output_dir: str | os.PathLike) -> tuple[Path, Pat
     out.mkdir(parents=True, exist_ok=True)
     plans_path, overrides_path = out / PLANS_FILE, out / OVERRIDES_FILE
     for path, content in ((plans_path, plans), (overrides_path, bundle_overrides(plans))):
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, content)
     return plans_path, overrides_path
 
 
