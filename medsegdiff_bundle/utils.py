@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["as_bool", "atomic_path", "atomic_open", "write_json_atomic"]
+__all__ = ["as_bool", "atomic_path", "atomic_open", "read_json_object", "write_json_atomic"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", "none", "null", ""}
@@ -63,3 +63,22 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return Path(path)
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Load a JSON object, with errors that name ``what`` and the file (a bare JSONDecodeError names neither).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not valid JSON, or not a JSON object.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist.")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(p)!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(p)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data

@@ -17,7 +17,6 @@ file headers (no voxel data), so a whole dataset can be checked in seconds and e
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
 from tqdm.auto import tqdm
 
-from ..utils import atomic_open
+from ..utils import atomic_open, read_json_object
 
 __all__ = [
     "case_name",
@@ -73,15 +72,8 @@ def load_datalist(
             not a list.
     """
     path = Path(datalist).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Datalist file {str(path)!r} does not exist.")
     # parse here too so that errors name the file and say what is wrong (MONAI's would be a bare JSONDecodeError)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Datalist file {str(path)!r} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"Datalist file {str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+    data = read_json_object(path, "Datalist file")
     if data_list_key not in data:
         raise ValueError(
             f"Datalist file {str(path)!r} has no {data_list_key!r} list; its keys are {sorted(data)}."

@@ -42,7 +42,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm.auto import tqdm
 
 from ..data.datalist import case_name, load_datalist, validate_cases
-from ..utils import atomic_open
+from ..utils import atomic_open, read_json_object
 
 __all__ = ["FINGERPRINT_VERSION", "extract_fingerprint", "save_fingerprint", "load_fingerprint"]
 
@@ -493,14 +493,9 @@ def load_fingerprint(path: str | Path) -> dict:
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / FINGERPRINT_FILE
-    if not p.is_file():
-        raise FileNotFoundError(f"fingerprint file {str(p)!r} does not exist.")
-    try:
-        fp = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fingerprint file {str(p)!r} is not valid JSON: {e}") from e
-    if not isinstance(fp, dict) or fp.get("version") != FINGERPRINT_VERSION:
-        found = fp.get("version") if isinstance(fp, dict) else type(fp).__name__
+    fp = read_json_object(p, "fingerprint file")
+    if fp.get("version") != FINGERPRINT_VERSION:
+        found = fp.get("version")
         raise ValueError(f"{p}: expected a fingerprint of version {FINGERPRINT_VERSION}, found {found!r}.")
     missing = [k for k in _REQUIRED_KEYS if k not in fp]
     if missing:

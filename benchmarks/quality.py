@@ -1,0 +1,516 @@
+#!/usr/bin/env python
+"""Quality benchmark on Kvasir-SEG: MedSegDiff-V2 (through the bundle) vs a MONAI DynUNet (nnU-Net-like) baseline.
+
+Both models train for the same wall-clock budget (``--minutes``) on the same training cases with the same
+augmentation (``build_preprocessing(stage="train")``), and are scored on a FIXED held-out split at the images'
+ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same metric code
+(``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
+
+The split is ``benchmarks/splits/kvasir_seg_split.json``: sort the case ids present locally (image stems with a mask),
+every 5th one (index % 5 == 0) is a test case, the rest train; of the training ids, every 20th (index % 20 == 0) is
+the validation fold used only for the bundle's monitoring. The script recomputes the split from that rule and stops
+if it differs from the file (``--write-split`` rewrites the file, e.g. for another local copy of the data).
+
+Outputs (everything under ``--output``, default ``runs/quality``; rerunning skips what is done, and interrupted
+training resumes from its last checkpoint with the rest of the budget):
+
+* ``datalist_train.json`` (fold 0 = validation, fold 1 = training; no test case), ``datalist_test.json``;
+* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation/metrics.csv``), ``dynunet/`` (``model.pt``,
+  ``metrics.csv``), ``ddpm/`` and ``ablation_<variant>/`` when asked for;
+* the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
+
+Both models are scored with their FINAL weights after the budget (MedSegDiff: the EMA weights of the last
+checkpoint), so the validation fold never selects a model.
+
+Example::
+
+    python benchmarks/quality.py --minutes 60 --compare-ddpm --ddpm-cases 10          # GPU
+    python benchmarks/quality.py --minutes 30 --ablations none,sa,usa,usa+ssformer_nofilter,usa+ssformer
+    python benchmarks/quality.py --smoke --output /tmp/quality_smoke                   # CPU, < 90 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(_ROOT))
+
+SPLIT_FILE = _ROOT / "benchmarks" / "splits" / "kvasir_seg_split.json"
+DEFAULT_DATA = _ROOT.parent / "shared" / "data" / "Kvasir-SEG"
+TEST_EVERY, VAL_EVERY = 5, 20
+SPLIT_RULE = (
+    "case ids = file stems of images/*.jpg that have masks/<id>.jpg, sorted (Python str order); "
+    f"test = ids[i] for i % {TEST_EVERY} == 0; train = all other ids; "
+    f"of the train ids (in the same order), train[j] for j % {VAL_EVERY} == 0 is the validation fold (fold 0) "
+    "used only for monitoring during training"
+)
+LABEL_THRESHOLD = 127
+NUM_CLASSES = 2
+
+
+# ------------------------------------------------------------------------------------------------------- split
+def case_ids(data: Path) -> list[str]:
+    return sorted(p.stem for p in (data / "images").glob("*.jpg") if (data / "masks" / p.name).is_file())
+
+
+def compute_split(ids: list[str]) -> dict[str, list[str]]:
+    ids = sorted(ids)
+    test = [c for i, c in enumerate(ids) if i % TEST_EVERY == 0]
+    train = [c for i, c in enumerate(ids) if i % TEST_EVERY != 0]
+    val = [c for j, c in enumerate(train) if j % VAL_EVERY == 0]
+    return {"test": test, "train": train, "validation": val}
+
+
+def split_document(ids: list[str]) -> dict:
+    split = compute_split(ids)
+    return {
+        "dataset": "Kvasir-SEG (the local copy in ../shared/data/Kvasir-SEG)",
+        "rule": SPLIT_RULE,
+        "test_every": TEST_EVERY,
+        "validation_every": VAL_EVERY,
+        "num_cases": len(ids),
+        "num_test": len(split["test"]),
+        "num_train": len(split["train"]),
+        "num_validation": len(split["validation"]),
+        "test_ids": split["test"],
+    }
+
+
+def load_checked_split(data: Path, write: bool = False) -> dict[str, list[str]]:
+    """The split of the local cases; it must equal the committed ``kvasir_seg_split.json`` (unless ``write``)."""
+    ids = case_ids(data)
+    doc = split_document(ids)
+    if write or not SPLIT_FILE.is_file():
+        SPLIT_FILE.parent.mkdir(parents=True, exist_ok=True)
+        SPLIT_FILE.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {SPLIT_FILE.relative_to(_ROOT)} ({doc['num_test']} test ids)")
+    saved = json.loads(SPLIT_FILE.read_text(encoding="utf-8"))
+    if saved.get("test_ids") != doc["test_ids"] or saved.get("rule") != SPLIT_RULE:
+        sys.exit(
+            f"error: the split rule applied to the {len(ids)} local cases in {data} does not give the test ids in "
+            f"{SPLIT_FILE} ({saved.get('num_test')} ids there, {doc['num_test']} here). Use the same data copy, or "
+            "--write-split to rewrite the file."
+        )
+    return compute_split(ids)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def device_slug(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def summarize(metrics_csv: Path) -> dict:
+    """Mean over cases of Dice / IoU, mean HD95 over the cases where it is defined (both masks non-empty)."""
+    import pandas as pd
+
+    table = pd.read_csv(metrics_csv)
+    per_case = table.groupby("case")[["dice", "iou", "hd95"]].mean()
+    return {
+        "dice": float(per_case["dice"].mean()),
+        "iou": float(per_case["iou"].mean()),
+        "hd95": float(per_case["hd95"].mean()) if per_case["hd95"].notna().any() else float("nan"),
+        "hd95_undefined_cases": int(per_case["hd95"].isna().sum()),
+        "cases": int(len(per_case)),
+        "metrics_csv": str(metrics_csv),
+    }
+
+
+def write_datalists(out: Path, data: Path, train: list[str], val: list[str], test: list[str]) -> tuple[Path, Path]:
+    def entry(cid: str, fold: int) -> dict:
+        return {"image": str((data / "images" / f"{cid}.jpg").resolve()),
+                "label": str((data / "masks" / f"{cid}.jpg").resolve()), "fold": fold}
+
+    val_set = set(val)
+    train_dl, test_dl = out / "datalist_train.json", out / "datalist_test.json"
+    write_json(train_dl, {"description": "fold 0 = validation (monitoring), fold 1 = training; no test case",
+                          "training": [entry(c, 0 if c in val_set else 1) for c in train]})
+    write_json(test_dl, {"description": "held-out test cases (all fold 0 so evaluate.json's fold=0 takes them all)",
+                         "training": [entry(c, 0) for c in test]})
+    return train_dl, test_dl
+
+
+# -------------------------------------------------------------------------------------------------- MedSegDiff
+def variant_settings(variant: str) -> dict:
+    """``usa+ssformer`` -> anchor/semantic bundle keys; ``none`` = neither; a missing part is ``none``."""
+    from medsegdiff_bundle.networks.medsegdiff import ANCHOR_MODES, SEMANTIC_MODES
+
+    anchor, semantic = "none", "none"
+    for token in [t for t in variant.split("+") if t and t != "none"]:
+        if token in ANCHOR_MODES:
+            anchor = token
+        elif token in SEMANTIC_MODES:
+            semantic = token
+        else:
+            raise SystemExit(f"error: unknown ablation part {token!r} in {variant!r} "
+                             f"(anchor: {ANCHOR_MODES}, semantic: {SEMANTIC_MODES}).")
+    return {"anchor": anchor, "semantic": semantic}
+
+
+def train_medsegdiff(root: Path, minutes: float, settings: dict, train_extra: dict) -> float:
+    """Bundle training with a wall-clock budget; resumable. Returns the training minutes used (all sessions)."""
+    from medsegdiff_bundle.engine.handlers import latest_checkpoint
+    from medsegdiff_bundle.engine.workflow import run_bundle
+
+    state_path = root / "train_state.json"
+    state = read_json(state_path)
+    if state.get("done"):
+        return float(state["elapsed_min"])
+    elapsed = float(state.get("elapsed_min", 0.0))
+    ckpt = latest_checkpoint(root / "models")
+    if ckpt and state.get("segment_start"):  # an interrupted session: count its time up to its last checkpoint
+        elapsed += max(0.0, (os.path.getmtime(ckpt) - state["segment_start"]) / 60.0)
+    remaining = minutes - elapsed
+    if remaining > 0 or ckpt is None:
+        write_json(state_path, {"elapsed_min": elapsed, "segment_start": time.time(), "done": False})
+        start = time.monotonic()
+        run_bundle("train", "train", root, resume=ckpt is not None, time_budget_minutes=max(remaining, 1e-6),
+                   **settings, **train_extra)
+        elapsed += (time.monotonic() - start) / 60.0
+    write_json(state_path, {"elapsed_min": elapsed, "done": True})
+    return elapsed
+
+
+def final_ema_weights(root: Path) -> Path:
+    """The EMA weights of the newest training checkpoint as a plain state dict (what evaluate.json loads)."""
+    import torch
+
+    from medsegdiff_bundle.engine.handlers import latest_checkpoint
+
+    path = root / "models" / "final_ema.pt"
+    if not path.is_file():
+        ckpt = latest_checkpoint(root / "models")
+        if ckpt is None:
+            raise SystemExit(f"error: no training checkpoint in {root / 'models'}")
+        ema = torch.load(ckpt, map_location="cpu", weights_only=True)["ema"]
+        state = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+        torch.save(state, path)
+    return path
+
+
+def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
+    from medsegdiff_bundle.engine.workflow import run_bundle
+
+    out_dir = root / "eval" / name
+    metrics = out_dir / "metrics.csv"
+    if not metrics.is_file():
+        run_bundle("evaluate", "infer", root, datalist=str(test_dl), fold=0, ckpt_path=str(final_ema_weights(root)),
+                   output_dir=str(out_dir), save_overlay=False, **settings, **eval_extra)
+    return summarize(metrics)
+
+
+# ----------------------------------------------------------------------------------------------------- DynUNet
+def dynunet_topology(size: int, filters_max: int, filters_base: int) -> dict:
+    """nnU-Net-like 2D topology: 3x3 kernels, first stride 1, then stride 2 while the map stays >= 8 px (>= 4 px
+    for small inputs), at most 5 down-samplings; filters double from ``filters_base`` up to ``filters_max``."""
+    strides, s = [1], size
+    while len(strides) < 6 and s // 2 >= (8 if size >= 128 else 4):
+        strides.append(2)
+        s //= 2
+    filters = [min(filters_base * 2**i, filters_max) for i in range(len(strides))]
+    return {"kernel_size": [[3, 3]] * len(strides), "strides": [[st, st] for st in strides],
+            "upsample_kernel_size": [[st, st] for st in strides[1:]], "filters": filters}
+
+
+def make_dynunet(topology: dict):
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(spatial_dims=2, in_channels=3, out_channels=NUM_CLASSES, kernel_size=topology["kernel_size"],
+                   strides=topology["strides"], upsample_kernel_size=topology["upsample_kernel_size"],
+                   filters=topology["filters"], norm_name="instance", deep_supervision=False, res_block=False)
+
+
+def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, device) -> float:
+    """Plain training loop (DiceCELoss, AdamW, bf16 autocast on CUDA), budget checked after each epoch like the
+    bundle's ``TimeBudgetHandler``; checkpoint every epoch, resumable. Returns training minutes used."""
+    import torch
+    from monai.data import DataLoader, Dataset
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    from medsegdiff_bundle.data.transforms import build_preprocessing
+
+    final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
+    state = read_json(root / "train_state.json")
+    if final.is_file() and state.get("done"):
+        return float(state["elapsed_min"])
+    set_determinism(seed=args.seed)
+    net = make_dynunet(topology).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.baseline_lr, weight_decay=1e-4)
+    epoch, elapsed = 0, 0.0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        epoch, elapsed = int(ck["epoch"]), float(ck["elapsed_min"])
+    pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD)
+    loader = DataLoader(Dataset(train_cases, transform=pre), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.num_workers, drop_last=False)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    amp = device.type == "cuda"
+    start = time.monotonic() - elapsed * 60.0
+    while elapsed < args.minutes:
+        net.train()
+        pre.set_random_state(seed=args.seed + epoch)  # per-epoch augmentation seed, like the bundle's EpochSeedHandler
+        torch.manual_seed(args.seed + epoch)
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(image)
+            loss = loss_fn(logits.float(), label)
+            loss.backward()
+            opt.step()
+        epoch += 1
+        elapsed = (time.monotonic() - start) / 60.0
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_min": elapsed},
+                   ckpt_path)
+        print(f"dynunet epoch {epoch}: loss {float(loss.detach()):.4f}, {elapsed:.2f} min", flush=True)
+    torch.save(net.state_dict(), final)
+    write_json(root / "train_state.json", {"elapsed_min": elapsed, "epochs": epoch, "done": True})
+    return elapsed
+
+
+def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, device) -> dict:
+    """Predict at ``--size``, invert the probabilities to the original size exactly as the bundle does
+    (``Invertd`` on the evaluate pre-processing), argmax, and score with ``MetricsTableHandler``."""
+    import torch
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.inferers import SimpleInferer
+    from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
+
+    from medsegdiff_bundle.data.transforms import build_preprocessing
+    from medsegdiff_bundle.engine.handlers import MetricsTableHandler
+
+    metrics = root / "metrics.csv"
+    if not metrics.is_file():
+        net = make_dynunet(topology).to(device)
+        net.load_state_dict(torch.load(root / "model.pt", map_location=device, weights_only=True))
+        net.eval()
+        pre = build_preprocessing(2, "evaluate", [args.size, args.size], NUM_CLASSES, "rgb",
+                                  label_threshold=LABEL_THRESHOLD)
+        post = Compose([
+            Activationsd("pred", softmax=True),
+            Invertd(["pred"], transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted("pred", argmax=True),
+        ])
+        loader = DataLoader(Dataset(test_cases, transform=pre), batch_size=1, shuffle=False,
+                            num_workers=args.num_workers)
+        evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=net, inferer=SimpleInferer(),
+                                        postprocessing=post, amp=False,
+                                        val_handlers=[MetricsTableHandler(root, NUM_CLASSES)])
+        evaluator.run()
+    return summarize(metrics)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="Kvasir-SEG folder (images/*.jpg, masks/*.jpg)")
+    p.add_argument("--output", default="runs/quality", help="folder for all runs (resumable)")
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/quality_<device>_<date>.json; "
+                   "with --smoke: <output>/quality_<device>_<date>.json)")
+    p.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget per model")
+    p.add_argument("--size", type=int, default=256, help="patch size (images are resized to size x size)")
+    p.add_argument("--batch-size", type=int, default=8, help="both models")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="MedSegDiff-V2 widths")
+    p.add_argument("--sampler", default="dpmpp", help="MedSegDiff sampler for the test evaluation")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--ensemble", type=int, default=5, help="ensemble members per image")
+    p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
+    p.add_argument("--baseline-lr", type=float, default=1e-3, help="DynUNet AdamW learning rate (constant)")
+    p.add_argument("--baseline-filters", type=int, nargs=2, default=[32, 320], metavar=("BASE", "MAX"),
+                   help="DynUNet filters: first level and cap")
+    p.add_argument("--compare-ddpm", action="store_true", help="also sample the MedSegDiff model with DDPM-1000")
+    p.add_argument("--ddpm-cases", type=int, default=10, help="first N test cases for --compare-ddpm")
+    p.add_argument("--ablations", default="", help="comma-separated variants, e.g. none,sa,usa,usa+ssformer")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--write-split", action="store_true", help="rewrite benchmarks/splits/kvasir_seg_split.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU smoke test: 12 train + 4 test cases, 64^2, tiny widths, 0.05 min, steps 2, ensemble 2")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.minutes, args.size, args.channels, args.steps, args.ensemble = 0.05, 64, [8, 16, 32], 2, 2
+        args.batch_size, args.num_workers, args.val_interval, args.baseline_filters = 4, 0, 1, [8, 32]
+        args.ddpm_cases = min(args.ddpm_cases, 1)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data = Path(args.data)
+    if not data.is_absolute():
+        data = (_ROOT / data) if (_ROOT / data).exists() else data.resolve()
+    if not (data / "images").is_dir() or not (data / "masks").is_dir():
+        print(f"Kvasir-SEG not found at {data} (needs images/*.jpg and masks/*.jpg): skipping the quality benchmark.")
+        return 0
+    split = load_checked_split(data, write=args.write_split)
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_ids, val_ids, test_ids = split["train"], split["validation"], split["test"]
+    if args.smoke:
+        train_ids, test_ids = train_ids[:12], test_ids[:4]
+        val_ids = train_ids[:2]
+    assert not set(test_ids) & set(train_ids), "test and training cases overlap"
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    train_dl, test_dl = write_datalists(out, data, train_ids, val_ids, test_ids)
+
+    common = {"dataset_dir": str(data.resolve()), "label_threshold": LABEL_THRESHOLD, "patch_size": [args.size] * 2,
+              "channels": list(args.channels), "num_workers": args.num_workers, "seed": args.seed}
+    train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
+                   "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
+                   "synthetic_if_missing": False}
+    eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble}
+    if args.smoke:
+        common["amp"] = False
+
+    t0 = time.monotonic()
+    result: dict = {
+        "benchmark": "quality",
+        "dataset": "Kvasir-SEG",
+        "device": device_name(device),
+        "device_type": device.type,
+        "date": _dt.date.today().isoformat(),
+        "torch_version": torch.__version__,
+        "smoke": bool(args.smoke),
+        "split": {"rule": SPLIT_RULE, "file": str(SPLIT_FILE.relative_to(_ROOT)), "num_train": len(train_ids),
+                  "num_validation": len(val_ids), "num_test": len(test_ids)},
+        "size": args.size,
+        "train_minutes_budget": args.minutes,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "ensemble": args.ensemble,
+        "settings": {k: v for k, v in vars(args).items()},
+    }
+
+    # (a) MedSegDiff-V2 through the bundle
+    main_variant = {"anchor": "usa", "semantic": "ssformer"}
+    msd_root = out / "medsegdiff"
+    msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
+    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra)
+    result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
+                   "train_minutes_medsegdiff": msd_minutes, "medsegdiff": msd})
+
+    # (b) DynUNet baseline
+    topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
+    if not args.skip_baseline:
+        def cases(ids):
+            return [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")} for c in ids]
+
+        base_root = out / "dynunet"
+        base_root.mkdir(parents=True, exist_ok=True)
+        # the baseline trains on every training case (the validation fold included: it never selects a model)
+        base_minutes = train_dynunet(base_root, cases(train_ids), args, topology, device)
+        base = evaluate_dynunet(base_root, cases(test_ids), args, topology, device)
+        result.update({"dice_baseline": base["dice"], "iou_baseline": base["iou"], "hd95_baseline": base["hd95"],
+                       "train_minutes_baseline": base_minutes, "baseline": {"model": "monai DynUNet", **topology,
+                                                                            **base}})
+    result["train_minutes"] = {"budget": args.minutes, "medsegdiff": msd_minutes,
+                               "baseline": result.get("train_minutes_baseline")}
+
+    # DDPM-1000 vs the fast sampler on the first N test cases
+    if args.compare_ddpm:
+        n = max(1, args.ddpm_cases)
+        sub_dl = out / f"datalist_test_first{n}.json"
+        write_json(sub_dl, {"training": json.loads(test_dl.read_text(encoding="utf-8"))["training"][:n]})
+        fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, eval_extra, f"fast_first{n}")
+        ddpm_t = time.monotonic()
+        ddpm = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant},
+                                   {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble}, f"ddpm_first{n}")
+        result["ddpm"] = {"cases": n, "ensemble": args.ensemble, "dice_ddpm1000": ddpm["dice"],
+                          "iou_ddpm1000": ddpm["iou"], "hd95_ddpm1000": ddpm["hd95"],
+                          f"dice_{args.sampler}{args.steps}": fast["dice"], "dice_fast": fast["dice"],
+                          "iou_fast": fast["iou"], "hd95_fast": fast["hd95"],
+                          "ddpm_eval_minutes_this_run": (time.monotonic() - ddpm_t) / 60.0}
+
+    # ablations: same budget, same data, only anchor / semantic differ
+    variants = [v.strip() for v in args.ablations.split(",") if v.strip()]
+    if variants:
+        result["ablations"] = {}
+        for v in variants:
+            settings = variant_settings(v)
+            if settings == main_variant:
+                res, minutes = msd, msd_minutes
+            else:
+                root = out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
+                minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
+                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra)
+            result["ablations"][v] = {**settings, "dice": res["dice"], "iou": res["iou"], "hd95": res["hd95"],
+                                      "train_minutes": minutes}
+
+    result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
+    date = result["date"]
+    if args.out:
+        out_json = Path(args.out)
+    elif args.smoke:
+        out_json = out / f"quality_{device_slug(device)}_{date}.json"
+    else:
+        out_json = _ROOT / "benchmarks" / "results" / f"quality_{device_slug(device)}_{date}.json"
+    write_json(out_json, result)
+
+    def fmt(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+    print()
+    print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget {args.minutes} min")
+    print(f"{'model':<34}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
+    print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble})':<34}{fmt(msd['dice']):>8}"
+          f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
+    if "dice_baseline" in result:
+        print(f"{'DynUNet (nnU-Net-like)':<34}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
+              f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
+    if "ddpm" in result:
+        d = result["ddpm"]
+        print(f"first {d['cases']} test cases: Dice DDPM-1000 {fmt(d['dice_ddpm1000'])} vs "
+              f"{args.sampler}-{args.steps} {fmt(d['dice_fast'])}")
+    for v, r in result.get("ablations", {}).items():
+        print(f"{f'ablation {v}':<34}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
+              f"{r['train_minutes']:>11.2f}")
+    print(f"results: {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

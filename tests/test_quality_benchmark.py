@@ -1,0 +1,88 @@
+"""Smoke test of ``benchmarks/quality.py`` on the real Kvasir-SEG copy (skipped when it is absent): the script
+runs end to end on CPU, writes the result JSON, keeps the committed split reproducible and the test cases out of
+training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bundle_utils import REPO, SHARED_DATA
+
+pytestmark = pytest.mark.slow
+
+KVASIR = SHARED_DATA / "Kvasir-SEG"
+SCRIPT = REPO / "benchmarks" / "quality.py"
+SPLIT = REPO / "benchmarks" / "splits" / "kvasir_seg_split.json"
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_file_is_names_only_and_follows_its_rule():
+    doc = json.loads(SPLIT.read_text(encoding="utf-8"))
+    assert {"rule", "test_ids", "num_test", "num_cases"} <= set(doc)
+    assert len(doc["test_ids"]) == doc["num_test"] == len(set(doc["test_ids"]))
+    assert all("/" not in i and "." not in i for i in doc["test_ids"])  # file stems, no paths or data
+    if (KVASIR / "images").is_dir():
+        quality = _load_script()
+        ids = quality.case_ids(KVASIR)
+        assert len(ids) == doc["num_cases"]
+        assert quality.compute_split(ids)["test"] == doc["test_ids"]
+        # the rule itself, independently of the script: sorted ids, every 5th one from the first
+        assert sorted(ids)[::5] == doc["test_ids"]
+
+
+@pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason="Kvasir-SEG not in ../shared/data")
+def test_quality_benchmark_smoke(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = list(tmp_path.glob("quality_*.json"))
+    assert len(results) == 1, list(tmp_path.iterdir())
+    res = json.loads(results[0].read_text(encoding="utf-8"))
+    for key in ("device", "dice_medsegdiff", "dice_baseline", "iou_medsegdiff", "iou_baseline", "hd95_medsegdiff",
+                "hd95_baseline", "train_minutes", "split", "sampler", "steps", "ensemble"):
+        assert key in res, key
+    for key in ("dice_medsegdiff", "dice_baseline", "iou_medsegdiff", "iou_baseline"):
+        assert 0.0 <= res[key] <= 1.0, (key, res[key])
+    assert res["steps"] == 2 and res["ensemble"] == 2 and res["split"]["num_test"] == 4
+    assert res["split"]["file"] == "benchmarks/splits/kvasir_seg_split.json" and res["split"]["rule"]
+    assert res["medsegdiff"]["cases"] == 4 and res["baseline"]["cases"] == 4
+
+    # the test cases never reach training: disjoint from the training datalist, and all from the committed split
+    split_ids = set(json.loads(SPLIT.read_text(encoding="utf-8"))["test_ids"])
+    train = json.loads((tmp_path / "datalist_train.json").read_text(encoding="utf-8"))["training"]
+    test = json.loads((tmp_path / "datalist_test.json").read_text(encoding="utf-8"))["training"]
+    train_ids = {Path(c["image"]).stem for c in train}
+    test_ids = {Path(c["image"]).stem for c in test}
+    assert len(train_ids) == 12 and len(test_ids) == 4
+    assert not train_ids & test_ids
+    assert test_ids <= split_ids and not train_ids & split_ids
+    assert all(Path(c["image"]).is_absolute() for c in train + test)
+
+    # a rerun is resumable: everything is found done and nothing retrains
+    proc2 = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    assert proc2.returncode == 0, proc2.stdout[-4000:] + proc2.stderr[-4000:]
+    res2 = json.loads(results[0].read_text(encoding="utf-8"))
+    assert res2["dice_medsegdiff"] == res["dice_medsegdiff"] and res2["dice_baseline"] == res["dice_baseline"]
+    assert "Epoch:" not in proc2.stdout + proc2.stderr and "dynunet epoch" not in proc2.stdout
+    print(f"smoke run: {elapsed:.1f} s")
