@@ -125,14 +125,15 @@ def device_name(device) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from medsegdiff_bundle.utils import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    from medsegdiff_bundle.utils import read_json_object
+
+    return read_json_object(path, "state file") if path.is_file() else {}
 
 
 def summarize(metrics_csv: Path) -> dict:
@@ -356,6 +357,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble members per image")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--baseline-lr", type=float, default=1e-3, help="DynUNet AdamW learning rate (constant)")
     p.add_argument("--baseline-filters", type=int, nargs=2, default=[32, 320], metavar=("BASE", "MAX"),
                    help="DynUNet filters: first level and cap")
@@ -400,6 +402,7 @@ def main(argv=None) -> int:
     common = {"dataset_dir": str(data.resolve()), "label_threshold": LABEL_THRESHOLD, "patch_size": [args.size] * 2,
               "channels": list(args.channels), "num_workers": args.num_workers, "seed": args.seed}
     train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
+                   "learning_rate": args.lr,
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
                    "synthetic_if_missing": False}
     eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble}
