@@ -22,3 +22,12 @@ def _keep_locale(request):
     if after != before:
         locale.setlocale(locale.LC_CTYPE, before)
         warnings.warn(f"{request.node.nodeid} changed LC_CTYPE from {before!r} to {after!r}; restored.")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Clear torch.compile's caches around a test: compiled code lives on the function's code object for the whole
+    process, and after 8 recompilations of one function dynamo silently falls back to eager."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -260,3 +260,31 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_iterations_and_at_epo
     optimizer_steps = int(ckpt["optimizer"]["state"][0]["step"])
     assert optimizer_steps == 2 * math.ceil(per_epoch / 2)  # a flush at each epoch end
     assert optimizer_steps < ckpt["trainer"]["iteration"]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_channels_last_and_compile_keep_checkpoints_those_of_the_plain_network(tmp_path):
+    """--channels_last true --compile true (the cheap "aot_eager" backend here; "inductor" by default) trains, saves
+    plain state dicts (no "_orig_mod." keys) that load into an unconverted network, resumes, and evaluates to the
+    metrics of the default path."""
+    from medsegdiff_bundle.networks import MedSegDiffV2
+
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=11)
+    fast = {"channels_last": True, "compile": True, "compile_backend": "aot_eager"}
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, **fast})
+    plain = MedSegDiffV2(2, 3, 2, channels=(8, 16, 32))
+    keys = set(plain.state_dict())
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert set(ckpt["model"]) == keys
+    assert set(ckpt["ema"]) == {"num_updates"} | {f"module.{k}" for k in keys}
+    best = load_checkpoint(tmp_path / "models" / "model.pt")
+    assert set(best) == keys
+    plain.load_state_dict(ckpt["model"])  # strict: the checkpoint fits a network that was never converted
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 2, "resume": True, "val_interval": 5, **fast})
+    resumed = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert resumed["trainer"]["iteration"] == 2 * ckpt["trainer"]["iteration"] and set(resumed["model"]) == keys
+
+    run_workflow("evaluate", "infer", tmp_path, **INFER_2D, output_dir=str(tmp_path / "default"))
+    run_workflow("evaluate", "infer", tmp_path, **INFER_2D, output_dir=str(tmp_path / "fast"), **fast)
+    default = pd.read_csv(tmp_path / "default" / "metrics.csv")
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "fast" / "metrics.csv")["dice"], default["dice"], atol=1e-3)

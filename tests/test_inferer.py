@@ -89,3 +89,106 @@ def test_ema_tracks_the_model_with_warmup():
     assert torch.allclose(p_ema, p_net - 0.1, atol=1e-6)
     assert int(ema.num_updates) == 1
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# ---------------------------------------------------------------------------------------- fast-path switches
+# On CPU the compile tests use cheap backends: "aot_eager" traces the denoiser (dynamo + AOT autograd, the same
+# graph inductor would get) and runs it eagerly; dynamo's CompileCounter counts the compilations. Inductor itself
+# costs ~45 s per compile on the 2-core CI machine; tests/test_gpu.py checks it on CUDA.
+
+
+def _fresh(spatial_dims: int = 2):
+    torch.manual_seed(0)
+    return tiny_model(spatial_dims).eval()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_gives_the_default_probabilities_in_the_default_layout(spatial_dims):
+    plain, converted = _fresh(spatial_dims), _fresh(spatial_dims)
+    image = torch.randn(2, 3, *(16,) * spatial_dims)
+    expected = DiffusionSegInferer(steps=3, ensemble=2, seed=1)(image, plain)
+    probs = DiffusionSegInferer(steps=3, ensemble=2, seed=1, channels_last=True)(image, converted)
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert probs.stride() == expected.stride() and image.is_contiguous()  # callers see no layout change
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    weight = converted.condition_unet.stem.weight
+    assert weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()
+    assert list(converted.state_dict()) == list(plain.state_dict())  # same keys: checkpoints load both ways
+    plain.load_state_dict(converted.state_dict())
+
+
+def test_channels_last_converts_a_network_once(monkeypatch):
+    import medsegdiff_bundle.engine.inferer as inferer_module
+
+    calls = []
+    convert = inferer_module.to_channels_last
+    monkeypatch.setattr(inferer_module, "to_channels_last", lambda net: calls.append(net) or convert(net))
+    inferer, net = DiffusionSegInferer(steps=2, ensemble=1, channels_last=True), _fresh()
+    for _ in range(3):
+        inferer(torch.randn(1, 3, 16, 16), net)
+    assert calls == [net]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_gives_the_default_probabilities_and_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+
+    net = _fresh()
+    image = torch.randn(2, 3, 32, 32)
+    expected = DiffusionSegInferer(steps=3, ensemble=2, seed=1)(image, net)
+    counter = CompileCounter()
+    inferer = DiffusionSegInferer(steps=3, ensemble=2, seed=1, compile=True, compile_backend=counter)
+    first = inferer(image, net)
+    second = inferer(image, net)
+    assert counter.frame_count == 1  # one graph (no graph break), compiled on the first call, reused after
+    assert torch.equal(first, second)
+    assert torch.allclose(first, expected, atol=1e-6)
+    traced = DiffusionSegInferer(steps=3, ensemble=2, seed=1, compile=True, compile_backend="aot_eager")(image, net)
+    assert torch.allclose(traced, expected, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_leaves_the_module_as_it_was():
+    import copy
+    import io
+
+    net = _fresh()
+    before = dict(net.__dict__)
+    keys = list(net.state_dict())
+    DiffusionSegInferer(steps=2, ensemble=1, compile=True, compile_backend="aot_eager")(torch.randn(1, 3, 16, 16), net)
+    assert net.__dict__.keys() == before.keys() and "denoise" not in net.__dict__
+    assert list(net.state_dict()) == keys  # no "_orig_mod." prefix
+    torch.save(net, io.BytesIO())  # still picklable as a whole
+    ema = EMAModel(net)
+    assert list(ema.module.state_dict()) == keys and type(ema.module) is type(net)
+    assert copy.deepcopy(net).denoise.__func__ is type(net).denoise
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_channels_last_and_compile_together_with_a_batch_of_one():
+    """Batch 1, one member: the SS-Former output view had a stride AOT tracing got wrong; the network now copies it."""
+    plain, converted = _fresh(), _fresh()
+    image = torch.randn(1, 3, 32, 32)
+    expected = DiffusionSegInferer(steps=2, ensemble=1)(image, plain)
+    fast = DiffusionSegInferer(steps=2, ensemble=1, channels_last=True, compile=True, compile_backend="aot_eager")
+    assert torch.allclose(fast(image, converted), expected, atol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_path_returns_a_meta_tensor_like_the_eager_path():
+    from monai.data import MetaTensor
+
+    net = _fresh()
+    image = MetaTensor(torch.randn(1, 3, 30, 32), meta={"filename_or_obj": "case.png"})
+    eager = DiffusionSegInferer(steps=2, ensemble=2)(image, net)
+    compiled = DiffusionSegInferer(steps=2, ensemble=2, compile=True, compile_backend="aot_eager")(image, net)
+    assert isinstance(eager, MetaTensor) and isinstance(compiled, MetaTensor)
+    assert compiled.meta["filename_or_obj"] == eager.meta["filename_or_obj"] == "case.png"
+    assert torch.allclose(compiled.as_tensor(), eager.as_tensor(), atol=1e-5)
+
+
+def test_fast_path_flags_from_the_command_line_are_parsed():
+    inferer = DiffusionSegInferer(channels_last="false", compile="true")
+    assert inferer.channels_last is False and inferer.compile is True
+    with pytest.raises(ValueError, match="channels_last"):
+        DiffusionSegInferer(channels_last="maybe")

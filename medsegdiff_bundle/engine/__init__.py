@@ -2,6 +2,7 @@
 
 from .checkpoint import atomic_save, load_checkpoint
 from .ema import EMAModel, unwrap_model
+from .fastpath import CompiledNetwork, channels_last_format, compile_network_calls, to_channels_last
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
 from .handlers import MetricsTableHandler, TimeBudgetHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
 from .inferer import DiffusionSegInferer
@@ -10,6 +11,7 @@ from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
 __all__ = [
     "BUNDLE_CONFIGS",
+    "CompiledNetwork",
     "DiffusionSegInferer",
     "DiffusionTrainIteration",
     "EMAModel",
@@ -22,10 +24,13 @@ __all__ = [
     "TrainingCurvesHandler",
     "atomic_save",
     "bundle_workflow",
+    "channels_last_format",
     "collate_skip_failed",
+    "compile_network_calls",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_from_latest",
     "run_bundle",
+    "to_channels_last",
     "unwrap_model",
 ]

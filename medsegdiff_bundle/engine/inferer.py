@@ -4,20 +4,27 @@
 call an inferer. Inputs larger than ``roi_size`` go through ``monai.inferers.sliding_window_inference`` with the
 complete sampling loop (condition once, ensemble, fusion) run per window; smaller inputs are padded to the
 network's divisor and cropped back.
+
+Fast-path switches (issue #5), each off by default: ``amp`` (bf16 autocast, FFTs in fp32), ``channels_last`` and
+``compile`` (see :mod:`medsegdiff_bundle.engine.fastpath`). The condition network runs once per image and the
+ensemble is denoised as one batch in any case (:class:`~medsegdiff_bundle.diffusion.DiffusionSampler`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 
 from ..diffusion.sampler import DiffusionSampler
 from ..utils import as_bool
 from .ema import unwrap_model
+from .fastpath import channels_last_format, compile_network_calls, to_channels_last
 
 __all__ = ["DiffusionSegInferer"]
 
@@ -43,6 +50,17 @@ class DiffusionSegInferer(Inferer):
             off with :class:`medsegdiff_bundle.data.transforms.SplitUncertaintyd`. Off by default so that callers
             expecting plain probabilities (MONAI Label) get them.
         amp: run the network under bf16 autocast (CUDA); FFTs stay in fp32.
+        channels_last: run in the channels-last layout (``torch.channels_last`` in 2D, ``channels_last_3d`` in 3D).
+            The network's convolution weights are converted in place the first time it is seen (values and
+            ``state_dict`` keys unchanged; later calls skip the conversion), the input is converted per call, and
+            the output comes back in the default contiguous layout, as without the switch.
+        compile: ``torch.compile`` the denoiser ``network.denoise``, the call every sampler step makes. It is
+            compiled once, on the first call (per network architecture and input shape), and reused by every later
+            call; the condition network (once per image) stays eager. The module itself is not modified
+            (no ``_orig_mod.`` keys; it can still be saved, deep-copied and loaded). Expect the first call to take
+            seconds to minutes longer.
+        compile_backend: the ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler)
+            or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
 
     ``__call__(inputs (B, C_in, *S), network) -> (B, K[+1], *S)``; the last call's uncertainty is also kept in
     ``self.last_uncertainty`` ``(B, 1, *S)``.
@@ -65,6 +83,9 @@ class DiffusionSegInferer(Inferer):
         mode: str = "gaussian",
         return_uncertainty: bool = False,
         amp: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str | Callable = "inductor",
     ) -> None:
         super().__init__()
         self.sampler = DiffusionSampler(
@@ -75,10 +96,27 @@ class DiffusionSegInferer(Inferer):
         self.overlap = overlap
         self.mode = mode
         self.amp = as_bool(amp, "amp")
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.compile = as_bool(compile, "compile")
+        self.compile_backend = compile_backend
+        # networks already converted to channels-last (weak: the inferer must not keep a network alive)
+        self._channels_last_done: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._compiled: Callable | None = None  # view factory, built on first use (compiling is lazy anyway)
         self.return_uncertainty = as_bool(return_uncertainty, "return_uncertainty")
         self.last_uncertainty: torch.Tensor | None = None
 
-    def _sample(self, network: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, net: torch.nn.Module) -> Any:
+        """The network as the sampler should see it: channels-last once, the compiled denoiser when asked for."""
+        if self.channels_last and net not in self._channels_last_done:
+            to_channels_last(net)
+            self._channels_last_done.add(net)
+        if not self.compile:
+            return net
+        if self._compiled is None:
+            self._compiled = compile_network_calls(self.compile_backend, forward=False, denoise=True)
+        return self._compiled(net)
+
+    def _sample(self, network: Any, inputs: torch.Tensor) -> torch.Tensor:
         """Probabilities and uncertainty for a batch that fits the network: ``(B, K + 1, *S)``."""
         divisor = network.divisor
         spatial = inputs.shape[2:]
@@ -87,6 +125,10 @@ class DiffusionSegInferer(Inferer):
             extra = (-size) % divisor
             pad += [extra // 2, extra - extra // 2]
         x = F.pad(inputs, pad, mode="replicate") if any(pad) else inputs
+        if self.compile and isinstance(x, MetaTensor):
+            x = x.as_tensor()  # dynamo cannot trace MetaTensor's __torch_function__; the meta is put back below
+        if self.channels_last:
+            x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             result = self.sampler(network, x)
         out = torch.cat([result.probs, result.uncertainty], dim=1).float()
@@ -96,6 +138,11 @@ class DiffusionSegInferer(Inferer):
                 start = pad[2 * (len(spatial) - 1 - dim)]
                 crop.append(slice(start, start + size))
             out = out[tuple(crop)]
+        if self.channels_last:  # callers get the layout they get without the switch
+            out = out.contiguous()
+        if isinstance(inputs, MetaTensor) and not isinstance(out, MetaTensor):  # and the type and meta, too
+            out = MetaTensor(out)
+            out.copy_meta_from(inputs)
         return out
 
     @torch.no_grad()
@@ -106,15 +153,16 @@ class DiffusionSegInferer(Inferer):
         was_training = net.training
         net.eval()
         try:
+            sampled = self._prepare(net)
             roi = self.roi_size
             if roi is not None:
                 roi = [roi] * (inputs.ndim - 2) if isinstance(roi, int) else list(roi)
             if roi is not None and any(s > r for s, r in zip(inputs.shape[2:], roi)):
                 out = sliding_window_inference(
-                    inputs, roi, self.sw_batch_size, lambda x: self._sample(net, x), self.overlap, self.mode
+                    inputs, roi, self.sw_batch_size, lambda x: self._sample(sampled, x), self.overlap, self.mode
                 )
             else:
-                out = self._sample(net, inputs)
+                out = self._sample(sampled, inputs)
         finally:
             net.train(was_training)
         self.last_uncertainty = out[:, -1:]

@@ -11,16 +11,23 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys as Keys
+from monai.data import MetaTensor
 from monai.data.utils import set_rnd
 
 from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
 from ..utils import as_bool
 from .ema import EMAModel
+from .fastpath import channels_last_format, compile_network_calls
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler"]
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The data of a MONAI ``MetaTensor`` as a plain ``torch.Tensor`` (no copy); other tensors unchanged."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
 
 
 class DiffusionTrainIteration:
@@ -36,6 +43,14 @@ class DiffusionTrainIteration:
         grad_clip: max gradient norm (``None`` or ``<= 0`` disables clipping).
         amp_dtype: ``"bfloat16"`` (no loss scaling needed) or ``"float16"`` (uses the trainer's GradScaler);
             only used when the trainer has ``amp=True``.
+        channels_last: feed the images in the channels-last layout (``channels_last_3d`` in 3D). Convert the network
+            too, before any DDP wrapper, with :func:`~medsegdiff_bundle.engine.to_channels_last` (the bundle's
+            ``channels_last`` key does both).
+        compile: ``torch.compile`` the network's forward (condition + denoise + anchor head, and its backward).
+            Compiled once on the first iteration (once more for a differently sized last batch) and reused; the
+            module is not modified, so checkpoints, the EMA copy and ``state_dict`` keys are those of the plain
+            network. A DDP-wrapped network is called through DDP's forward, so gradients are still synchronised.
+        compile_backend: the ``torch.compile`` backend, ``"inductor"`` (default) or e.g. ``"aot_eager"``.
 
     Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
     the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch
@@ -51,6 +66,9 @@ class DiffusionTrainIteration:
         seed: int = 0,
         grad_clip: float | None = 1.0,
         amp_dtype: str = "bfloat16",
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         if amp_dtype not in _AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {tuple(_AMP_DTYPES)}, got {amp_dtype!r}.")
@@ -59,6 +77,10 @@ class DiffusionTrainIteration:
         self.seed = seed
         self.grad_clip = grad_clip
         self.amp_dtype = _AMP_DTYPES[amp_dtype]
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.compile = as_bool(compile, "compile")
+        self.compile_backend = compile_backend
+        self._compiled = compile_network_calls(compile_backend, forward=True, denoise=False) if self.compile else None
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -67,6 +89,8 @@ class DiffusionTrainIteration:
         image, label = batch[0], batch[1]
         if label is None:
             raise ValueError("training batches need a 'label'.")
+        if self.channels_last:
+            image = image.contiguous(memory_format=channels_last_format(image.ndim - 2))
         device = image.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
         engine.network.train()
@@ -77,7 +101,11 @@ class DiffusionTrainIteration:
         if first_of_cycle:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=as_bool(engine.amp, "amp")):
-            losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
+            if self._compiled is None:
+                losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
+            else:  # dynamo traces plain tensors, not MONAI's MetaTensor (its __torch_function__ breaks the trace)
+                losses = diffusion_forward(self._compiled(engine.network), self.scheduler, self.loss_function,
+                                           _plain(image), _plain(label), generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]

@@ -31,6 +31,22 @@ from torch import nn
 __all__ = ["frequency_grid", "NeuralBandPassFilter", "SpectralCrossAttention", "SSFormerBlock", "SSFormer"]
 
 
+def _layout_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` in ``ref``'s memory layout: channels-last if ``ref`` is (and is not also plain contiguous),
+    else contiguous.
+
+    Tokens ``(B, N, C)`` reshaped back to ``(B, C, *s)`` are a view with channels-last-like strides whatever the
+    input's layout, and with a batch of one its batch stride is arbitrary. A copy with fresh strides keeps the
+    decoder in the layout the caller chose, and keeps AOT tracing honest: it had traced that view as channels-last
+    contiguous, and GroupNorm's kernel then refused the real strides (``.contiguous()`` would not copy: size-1 axes
+    are ignored by the contiguity check).
+    """
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(ref.ndim)
+    if fmt is None or ref.is_contiguous() or not ref.is_contiguous(memory_format=fmt):
+        fmt = torch.contiguous_format
+    return x.clone(memory_format=fmt)
+
+
 def frequency_grid(spatial_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
     """Normalised ``rfftn`` frequency coordinates, ``(*F, spatial_dims)``.
 
@@ -240,4 +256,4 @@ class SSFormer(nn.Module):
         c_tok = c.flatten(2).transpose(1, 2)
         for block in self.blocks:
             e_tok, c_tok = block(e_tok, c_tok, tau, spatial_shape)
-        return e_tok.transpose(1, 2).reshape(b, ch, *spatial_shape)
+        return _layout_like(e_tok.transpose(1, 2).reshape(b, ch, *spatial_shape), e)

@@ -1,0 +1,137 @@
+"""Fast-path switches shared by :class:`DiffusionSegInferer` and :class:`DiffusionTrainIteration`: channels-last
+memory layout and ``torch.compile``.
+
+Neither switch changes what a network *is*:
+
+* channels-last only changes the strides of the ``(spatial_dims + 2)``-D weights (the convolution kernels). Values,
+  parameter objects and ``state_dict`` keys stay the same, so optimisers keep their references and checkpoints
+  load into a network of either layout (``load_state_dict`` copies values into the destination's layout).
+* compilation never replaces or patches the module. A module-level function that takes the network as its first
+  argument is compiled, and the sampler or the loss sees a :class:`CompiledNetwork` view that routes the per-step
+  call through it. So ``state_dict`` keys carry no ``_orig_mod.`` prefix, nothing unpicklable is stored on the
+  module, and the EMA's ``deepcopy`` of it copies a plain network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ema import unwrap_model
+
+__all__ = ["CompiledNetwork", "channels_last_format", "compile_network_calls", "to_channels_last"]
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """``torch.channels_last`` for 2D feature maps ``(B, C, H, W)``, ``torch.channels_last_3d`` for 3D ones."""
+    if spatial_dims == 2:
+        return torch.channels_last
+    if spatial_dims == 3:
+        return torch.channels_last_3d
+    raise ValueError(f"channels-last layouts exist for spatial_dims 2 and 3, got {spatial_dims}.")
+
+
+def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int | None = None) -> nn.Module:
+    """Convert ``module``'s ``(spatial_dims + 2)``-D parameters and buffers to the channels-last layout, in place.
+
+    The Parameter objects are kept (their ``.data`` is replaced, like ``Module.to`` does), so an optimiser built
+    before still steps the same tensors. Returns ``module`` so that a config can write
+    ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the layout).
+
+    Args:
+        module: the network (a DDP / EMA wrapper is unwrapped to read ``spatial_dims``; its tensors are converted).
+        enabled: ``False`` (or ``"false"`` from a command line) returns ``module`` unchanged.
+        spatial_dims: 2 or 3; ``None`` reads ``module.spatial_dims`` (``MedSegDiffV2`` has it), else 2.
+    """
+    from ..utils import as_bool
+
+    if not as_bool(enabled, "channels_last"):
+        return module
+    if spatial_dims is None:
+        spatial_dims = int(getattr(unwrap_model(module), "spatial_dims", 2))
+    fmt = channels_last_format(spatial_dims)
+    rank = spatial_dims + 2
+    with torch.no_grad():
+        for sub in module.modules():
+            for param in sub.parameters(recurse=False):
+                if param.ndim == rank:
+                    param.data = param.data.contiguous(memory_format=fmt)
+                    if param.grad is not None:
+                        param.grad = param.grad.contiguous(memory_format=fmt)
+            for name, buffer in list(sub.named_buffers(recurse=False)):
+                if buffer is not None and buffer.ndim == rank:
+                    setattr(sub, name, buffer.contiguous(memory_format=fmt))  # keeps the buffer's persistence
+    return module
+
+
+def _call_forward(network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return network(*args, **kwargs)
+
+
+def _call_denoise(network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return network.denoise(*args, **kwargs)
+
+
+class CompiledNetwork:
+    """A view of ``network`` whose ``__call__`` and ``denoise`` run through compiled functions.
+
+    Every other attribute (``condition``, ``num_classes``, ``module``, ...) is the network's own, so the view can be
+    handed to :class:`~medsegdiff_bundle.diffusion.DiffusionSampler` or ``diffusion_forward`` unchanged. The view is
+    cheap and holds no compiled code of its own: build one per call with :func:`compile_network_calls`.
+
+    Args:
+        network: the network (a DDP wrapper included: calling the view then goes through DDP's forward, so
+            gradients are still synchronised).
+        forward: compiled ``(network, *args) -> network(*args)``, or ``None`` for the eager call.
+        denoise: compiled ``(network, *args) -> network.denoise(*args)``, or ``None`` for the eager method.
+    """
+
+    def __init__(self, network: nn.Module, forward: Callable | None = None, denoise: Callable | None = None) -> None:
+        self.network = network
+        self._forward = forward
+        self._denoise = denoise
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._forward is None:
+            return self.network(*args, **kwargs)
+        return self._forward(self.network, *args, **kwargs)
+
+    def denoise(self, *args: Any, **kwargs: Any) -> Any:
+        if self._denoise is None:
+            return unwrap_model(self.network).denoise(*args, **kwargs)
+        return self._denoise(unwrap_model(self.network), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names the view does not define; "network" is checked so that copy/pickle of a
+        # half-built view cannot recurse
+        if name == "network":
+            raise AttributeError(name)
+        return getattr(self.network, name)
+
+
+def compile_network_calls(backend: str | Callable = "inductor", forward: bool = True,
+                          denoise: bool = True) -> Callable[[nn.Module], CompiledNetwork]:
+    """``torch.compile`` the per-step calls once; return ``view(network) -> CompiledNetwork``.
+
+    The compiled functions take the network as an argument, so one of them serves every network passed later:
+    dynamo compiles it on the first call for a given network architecture, input shape, dtype and autocast
+    state, and reuses that code on every later call (another network or shape adds one compilation; none is
+    ever repeated per call or per sampler step, see the tests).
+
+    Args:
+        backend: a ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler),
+            ``"aot_eager"`` (traces and runs eagerly, no code generation: cheap, used by the CPU tests), or a
+            callable backend.
+        forward: compile ``network(*args)`` (training).
+        denoise: compile ``network.denoise(*args)`` (the call every sampler step makes).
+    """
+    compiled_forward = torch.compile(_call_forward, backend=backend) if forward else None
+    compiled_denoise = torch.compile(_call_denoise, backend=backend) if denoise else None
+
+    def view(network: nn.Module) -> CompiledNetwork:
+        return CompiledNetwork(network, compiled_forward, compiled_denoise)
+
+    return view

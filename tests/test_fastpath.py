@@ -1,0 +1,78 @@
+"""Fast-path switches outside the inferer: the channels-last helper and the training iteration's ``channels_last``
+and ``compile`` options (compiled with the cheap "aot_eager" backend on CPU; inductor is checked in test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import MetaTensor
+from monai.engines import SupervisedTrainer
+
+from medsegdiff_bundle.diffusion import MedSegDiffLoss, make_scheduler
+from medsegdiff_bundle.engine import DiffusionTrainIteration, EMAModel, to_channels_last
+from tests.helpers import synthetic_batch, tiny_model
+
+
+@pytest.mark.parametrize("spatial_dims, fmt", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_to_channels_last_converts_kernels_in_place_and_keeps_everything_else(spatial_dims, fmt):
+    net = tiny_model(spatial_dims)
+    params = {name: p for name, p in net.named_parameters()}
+    values = {name: p.detach().clone() for name, p in params.items()}
+    assert to_channels_last(net) is net
+    for name, p in net.named_parameters():
+        assert p is params[name]  # same Parameter objects: an optimiser built before still steps them
+        assert torch.equal(p, values[name])
+        if p.ndim == spatial_dims + 2:
+            assert p.is_contiguous(memory_format=fmt)
+    assert net.condition_unet.stem.weight.is_contiguous(memory_format=fmt)
+    assert list(net.state_dict()) == list(tiny_model(spatial_dims).state_dict())
+
+
+def test_to_channels_last_can_be_switched_off_from_a_config():
+    net = tiny_model()
+    assert to_channels_last(net, enabled="false") is net
+    assert net.condition_unet.stem.weight.is_contiguous()
+    with pytest.raises(ValueError, match="spatial_dims 2 and 3"):
+        to_channels_last(torch.nn.Conv1d(2, 2, 3), spatial_dims=1)
+
+
+def _train(channels_last: bool = False, compile: bool = False, iterations: int = 2) -> tuple[torch.nn.Module, list]:
+    """``iterations`` SupervisedTrainer steps (SGD, so that updates stay linear in the gradients and comparable)."""
+    torch.manual_seed(0)
+    net = tiny_model()
+    if channels_last:
+        to_channels_last(net)
+    image, label = synthetic_batch(4, 32, seed=7)
+    # MetaTensors, as the bundle's data loader delivers them
+    batches = [{"image": MetaTensor(image[2 * i: 2 * i + 2]), "label": MetaTensor(label[2 * i: 2 * i + 2])}
+               for i in range(iterations)]
+    iteration = DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), seed=3, channels_last=channels_last,
+                                        compile=compile, compile_backend="aot_eager")
+    losses: list[float] = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=batches, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MedSegDiffLoss(2),
+        iteration_update=iteration, amp=False, decollate=False,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    return net, losses
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_training_iteration_switches_give_the_default_losses_and_weights():
+    from torch._dynamo.utils import counters
+
+    plain, plain_losses = _train()
+    for options in ({"channels_last": True}, {"compile": True}, {"channels_last": True, "compile": True}):
+        torch._dynamo.reset()
+        counters.clear()
+        net, losses = _train(**options)
+        # compiled: one graph for both iterations (no graph break, no recompilation); else nothing compiled
+        assert counters["stats"]["unique_graphs"] == (1 if options.get("compile") else 0), options
+        assert losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-5), options
+        for (name, a), (_, b) in zip(plain.named_parameters(), net.named_parameters()):
+            assert torch.allclose(a, b, atol=1e-5), (options, name)
+        assert list(net.state_dict()) == list(plain.state_dict()), options  # no "_orig_mod." prefix
+        assert list(EMAModel(net).state_dict()) == list(EMAModel(plain).state_dict())
