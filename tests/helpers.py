@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from medsegdiff_bundle.data.synthetic import make_synthetic_dataset
@@ -58,6 +57,8 @@ def dice(probs: torch.Tensor, label: torch.Tensor) -> float:
 
 def dicom_series(folder: Path, nx: int = 10, ny: int = 8, nz: int = 3) -> str:
     """A ``nz``-slice int16 CT series, one ``.dcm`` file per slice, with the tags GDCM groups a series by."""
+    import SimpleITK as sitk  # here, not at the top: the GPU machine's tests import this module without SimpleITK
+
     folder.mkdir(parents=True, exist_ok=True)
     volume = sitk.GetImageFromArray(np.arange(nx * ny * nz, dtype=np.int16).reshape(nz, ny, nx))
     writer = sitk.ImageFileWriter()

@@ -1,0 +1,189 @@
+"""CUDA-only checks of the fast path; every test skips where ``torch.cuda.is_available()`` is false.
+
+(a) the sampling loop makes no host-device synchronisation (``torch.cuda.set_sync_debug_mode("error")``);
+(b) bf16 + channels-last sampling agrees with fp32; (c) a training iteration under bf16 autocast gives a finite loss;
+(d) ``torch.compile`` (inductor) matches eager. ``benchmarks/device/run.sh tests`` runs this file on a lent GPU.
+
+Kept to imports the GPU machine has (no SimpleITK, nibabel or itk at import time) and to tiny models, so that the
+whole file, inductor compilations included, takes a couple of minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from medsegdiff_bundle.diffusion import DiffusionSampler, MedSegDiffLoss, make_scheduler
+from medsegdiff_bundle.engine import DiffusionSegInferer, DiffusionTrainIteration, to_channels_last
+from medsegdiff_bundle.networks import MedSegDiffV2
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda")
+
+
+def _untrained(channels=(8, 16, 32)) -> MedSegDiffV2:
+    torch.manual_seed(0)
+    return MedSegDiffV2(2, 3, 2, channels=channels).to(_device()).eval()
+
+
+def _train(model: MedSegDiffV2, image: torch.Tensor, label: torch.Tensor, iterations: int) -> None:
+    """Plain AdamW loop on the diffusion objective, all on the model's device (tests.helpers.train draws with a
+    CPU generator, which CUDA sampling refuses)."""
+    from medsegdiff_bundle.diffusion import diffusion_forward
+
+    device = image.device
+    scheduler, loss_fn = make_scheduler("ddpm"), MedSegDiffLoss(model.num_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    pick = torch.Generator(device=device).manual_seed(0)
+    noise = torch.Generator(device=device).manual_seed(1)
+    model.train()
+    for _ in range(iterations):
+        idx = torch.randint(0, image.shape[0], (8,), generator=pick, device=device)
+        loss = diffusion_forward(model, scheduler, loss_fn, image[idx], label[idx], noise)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model trained for a few seconds on synthetic discs, so that masks are confident and comparable
+    (the same recipe reaches Dice > 0.7 on CPU in tests/test_training.py). Returns (model, images, labels)."""
+    from tests.helpers import dice, synthetic_batch
+
+    torch.manual_seed(0)
+    image, label = synthetic_batch(32, 32, seed=100)
+    model = MedSegDiffV2(2, 3, 2, channels=(16, 32, 64)).to(_device())
+    _train(model, image.to(_device()), label.to(_device()), iterations=700)
+    test_image, test_label = synthetic_batch(4, 32, seed=200)
+    test_image, test_label = test_image.to(_device()), test_label.to(_device())
+    probs = DiffusionSegInferer("dpmpp", steps=10, ensemble=3, seed=0)(test_image, model)
+    assert dice(probs, test_label) > 0.7, "the model did not learn; the comparisons below would mean little"
+    return model, test_image, test_label
+
+
+@contextmanager
+def _sync_is_an_error():
+    """Raise on any synchronising CUDA call (``.item()``, D2H/H2D copies of pageable memory, stream syncs...)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
+# ------------------------------------------------------------------------------------------- (a) no host syncs
+@pytest.mark.parametrize("sampler, steps, num_train_timesteps", [("dpmpp", 10, 1000), ("ddim", 10, 1000),
+                                                                  ("ddpm", 20, 20)])
+def test_sampling_loop_never_synchronises_host_and_device(sampler, steps, num_train_timesteps):
+    net = _untrained()
+    image = torch.randn(2, 3, 32, 32, device=_device())
+    sample = DiffusionSampler(sampler, steps, ensemble=3, num_train_timesteps=num_train_timesteps, seed=0)
+    sample(net, image)  # warm-up: cuDNN/cuBLAS handles, kernel selection, allocator
+    torch.cuda.synchronize()
+    with _sync_is_an_error():
+        result = sample(net, image)
+    torch.cuda.synchronize()
+    assert torch.isfinite(result.probs).all() and result.probs.shape == (2, 2, 32, 32)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp", "ddim"])
+def test_fast_inferer_call_never_synchronises_host_and_device(sampler):
+    """The whole DiffusionSegInferer call as the bundle makes it on a GPU: bf16 autocast and channels-last."""
+    net = _untrained()
+    image = torch.randn(1, 3, 32, 32, device=_device())
+    inferer = DiffusionSegInferer(sampler, steps=10, ensemble=5, amp=True, channels_last=True)
+    inferer(image, net)  # warm-up (also converts the network to channels-last, once)
+    torch.cuda.synchronize()
+    with _sync_is_an_error():
+        probs = inferer(image, net)
+    torch.cuda.synchronize()
+    assert torch.isfinite(probs).all()
+
+
+# ------------------------------------------------------------------------------- (b) bf16 + channels-last vs fp32
+def test_bf16_channels_last_sampling_agrees_with_fp32(trained):
+    model, image, _ = trained
+    reference = DiffusionSegInferer("dpmpp", steps=10, ensemble=3, seed=0)(image, model)
+    fast_model = copy.deepcopy(model)
+    fast = DiffusionSegInferer("dpmpp", steps=10, ensemble=3, seed=0, amp=True, channels_last=True)(image, fast_model)
+    assert fast_model.condition_unet.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.dtype == torch.float32 and fast.stride() == reference.stride()
+    assert float((fast - reference).abs().mean()) < 0.02
+    assert _agreement(fast, reference) > 0.98
+
+
+# --------------------------------------------------------------------------------- (c) a training step under amp
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_iteration_with_amp_gives_a_finite_loss(channels_last):
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from tests.helpers import synthetic_batch
+
+    net = MedSegDiffV2(2, 3, 2, channels=(8, 16, 32)).to(_device())
+    to_channels_last(net, channels_last)
+    before = [p.detach().clone() for p in net.parameters()]
+    image, label = synthetic_batch(4, 32, seed=1)
+    batches = [{"image": image[:2], "label": label[:2]}, {"image": image[2:], "label": label[2:]}]
+    dtypes = []
+    net.condition_unet.stem.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    losses = []
+    trainer = SupervisedTrainer(
+        device=_device(), max_epochs=1, train_data_loader=batches, network=net,
+        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3), loss_function=MedSegDiffLoss(2),
+        iteration_update=DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2),
+                                                 channels_last=channels_last),
+        amp=True, decollate=False,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # autocast was on
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(p, b) for p, b in zip(net.parameters(), before))  # the optimiser stepped
+
+
+# ---------------------------------------------------------------------------------- (d) torch.compile vs eager
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_denoiser_matches_eager_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    net = _untrained()
+    image = torch.randn(2, 3, 32, 32, device=_device())
+    eager = DiffusionSegInferer("dpmpp", steps=5, ensemble=2, seed=0)(image, net)
+    counters.clear()
+    inferer = DiffusionSegInferer("dpmpp", steps=5, ensemble=2, seed=0, compile=True)  # inductor
+    first = inferer(image, net)
+    second = inferer(image, net)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled on the first call, reused by every later step/call
+    assert torch.allclose(first, eager, atol=1e-3)
+    assert torch.allclose(second, first, atol=1e-6)
+    assert "_orig_mod" not in "".join(net.state_dict())
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_bf16_channels_last_fast_path_agrees_with_eager(trained):
+    """All switches on (what inference.json --amp true --channels_last true --compile true runs)."""
+    model, image, _ = trained
+    eager_model, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    options = {"steps": 10, "ensemble": 3, "seed": 0, "amp": True, "channels_last": True}
+    eager = DiffusionSegInferer("dpmpp", **options)(image, eager_model)
+    compiled = DiffusionSegInferer("dpmpp", **options, compile=True)(image, compiled_model)
+    assert float((compiled - eager).abs().mean()) < 0.02
+    assert _agreement(compiled, eager) > 0.98
