@@ -237,6 +237,42 @@ def test_image_label_size_mismatch_2d_rgb(tmp_path):
     assert problem == "image size (30, 20) does not match label size (31, 20)"
 
 
+@pytest.fixture
+def without_simpleitk(monkeypatch):
+    """As on a machine without SimpleITK (the GPU image): header checks fall back to PIL / existence."""
+    import medsegdiff_bundle.data.datalist as datalist
+
+    monkeypatch.setattr(datalist, "_simpleitk", lambda: None)
+
+
+@pytest.mark.usefixtures("without_simpleitk")
+def test_without_simpleitk_raster_headers_are_read_with_pil(tmp_path):
+    good = {"image": _png(tmp_path / "img.png", (20, 30, 3)), "label": _png(tmp_path / "lab.png", (20, 30))}
+    assert check_case(good) is None
+    Image.fromarray(np.zeros((20, 31), dtype=np.uint8)).save(tmp_path / "lab.jpg")
+    bad = {"image": good["image"], "label": str(tmp_path / "lab.jpg")}
+    assert check_case(bad) == "image size (30, 20) does not match label size (31, 20)"  # SimpleITK's (W, H) too
+    problem = check_case({"image": _garbage(tmp_path / "corrupt.png")})
+    assert problem is not None and "cannot read header" in problem and "corrupt.png" in problem
+
+
+@pytest.mark.usefixtures("without_simpleitk")
+def test_without_simpleitk_other_formats_are_only_checked_to_exist(tmp_path):
+    assert check_case({"image": _garbage(tmp_path / "volume.nii.gz")}) is None
+    assert "do not exist" in check_case({"image": str(tmp_path / "gone.nii.gz")})
+
+
+def test_a_placeholder_simpleitk_module_counts_as_missing(monkeypatch):
+    import sys
+    import types
+
+    from medsegdiff_bundle.data.datalist import _simpleitk
+
+    assert _simpleitk() is not None  # the real one, installed here
+    monkeypatch.setitem(sys.modules, "SimpleITK", types.ModuleType("SimpleITK"))
+    assert _simpleitk() is None
+
+
 def test_multifile_image_size_mismatch(tmp_path):
     item = {
         "image": [_nii(tmp_path / "flair.nii.gz", (8, 9, 10)), _nii(tmp_path / "t1c.nii.gz", (8, 9, 12))],

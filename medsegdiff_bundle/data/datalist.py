@@ -12,6 +12,8 @@ A datalist is a JSON file such as::
 
 Relative paths are resolved against the datalist's folder (or ``base_dir``). :func:`validate_cases` reads only the
 file headers (no voxel data), so a whole dataset can be checked in seconds and every problem reported at once.
+Headers are read with SimpleITK; where it is not installed (a slim GPU image, say), 2D raster files (PNG, JPEG,
+BMP, TIFF) are read with PIL and other files are only checked to exist.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import SimpleITK as sitk
 from monai.data import load_decathlon_datalist
 from tqdm.auto import tqdm
 
@@ -49,6 +50,8 @@ _KNOWN_EXTENSIONS = (
 )  # fmt: skip
 # formats MONAI can load but SimpleITK cannot: existence is all we check for them
 _NO_HEADER_CHECK = (".npy", ".npz")
+# 2D raster formats PIL reads the header of, used when SimpleITK is not installed
+_PIL_FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def load_datalist(
@@ -158,8 +161,35 @@ def _sitk_message(e: Exception) -> str:
     return " ".join(text.split())
 
 
+def _simpleitk():
+    """The SimpleITK module, or ``None`` where it is not installed (imported here, not at the top, so that the
+    package imports without it). A placeholder module without its readers counts as not installed."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return None
+    return sitk if hasattr(sitk, "ImageFileReader") else None
+
+
+def _read_size_pil(path: str) -> tuple[tuple[int, ...] | None, str | None]:
+    """``_read_size`` without SimpleITK: PIL for 2D raster files (``(width, height)``, the order SimpleITK reports),
+    existence only for the rest."""
+    if not path.lower().endswith(_PIL_FORMATS):
+        return None, None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # lazy: reads the header, not the pixels
+            return tuple(int(s) for s in image.size), None
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+        return None, f"cannot read header of {path} ({e})"
+
+
 def _read_size(path: str) -> tuple[tuple[int, ...] | None, str | None]:
     """``(size, None)`` from the header of ``path`` (``size`` is ``None`` when unknown), or ``(None, problem)``."""
+    sitk = _simpleitk()
+    if sitk is None:
+        return _read_size_pil(path)
     if os.path.isdir(path):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)
         if not files:
