@@ -238,9 +238,12 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
     if args.compile:
         network.denoise = torch.compile(network.denoise)  # instance attribute: the sampler calls network.denoise
     counter = CallCounter(network)
-    inferer = DiffusionSegInferer("dpmpp", steps=args.steps, ensemble=args.ensemble, seed=args.seed, amp=args.amp)
-    warm_inferer = DiffusionSegInferer("dpmpp", steps=min(2, args.steps), ensemble=args.ensemble, seed=args.seed,
-                                       amp=args.amp)  # same shapes: warms up kernels (and compilation)
+    # channels_last is also the inferer's own switch, as in the bundle (the network and image are converted above,
+    # so it only hands the output back in the default layout); the warm-up inferer has the same shapes: it warms up
+    # kernels (and compilation)
+    options = {"ensemble": args.ensemble, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last}
+    inferer = DiffusionSegInferer("dpmpp", steps=args.steps, **options)
+    warm_inferer = DiffusionSegInferer("dpmpp", steps=min(2, args.steps), **options)
     gen = torch.Generator().manual_seed(args.seed + 1)
     image, _ = make_batch(args, network, args.sample_batch, device, gen)
     image = image.contiguous(memory_format=fmt)

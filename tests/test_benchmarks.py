@@ -1,9 +1,11 @@
-"""Smoke test of ``benchmarks/speed.py``: tiny settings on CPU, run as a subprocess like a user would."""
+"""Smoke tests of ``benchmarks/speed.py`` (tiny settings on CPU, run as a subprocess like a user would) and of the
+plumbing of ``benchmarks/device/run.sh`` (the GPU session script)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,35 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     assert ref["condition_calls"] == ref["denoise_calls"] == steps * ensemble
     assert result["phases"]["fast"]["condition_calls"] == 1
     assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
+
+
+# --------------------------------------------------------------------------- benchmarks/device/run.sh (plumbing)
+DEVICE_SCRIPT = ROOT / "benchmarks" / "device" / "run.sh"
+
+
+def _device_script(tmp_path: Path, *stages: str) -> subprocess.CompletedProcess:
+    """run.sh as on the GPU machine, on CPU, with the installed packages (no wheels) and this interpreter."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "WHEEL_DIR": str(tmp_path / "no_wheels"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", str(DEVICE_SCRIPT), *stages], cwd=ROOT, env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=300)
+
+
+def test_device_script_refuses_unknown_stages(tmp_path):
+    assert _device_script(tmp_path).returncode == 2
+    assert _device_script(tmp_path, "benchmark").returncode == 2
+
+
+@pytest.mark.slow
+def test_device_script_runs_the_gpu_tests_stage_and_reports(tmp_path):
+    """The `tests` stage end to end: environment report, tests/test_gpu.py (skipped without CUDA), summary."""
+    proc = _device_script(tmp_path, "tests")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert "torch" in (out / "env.txt").read_text()
+    log = (out / "tests.log").read_text()
+    import torch
+
+    assert ("passed" if torch.cuda.is_available() else "skipped") in log
+    assert "tests: rc=0" in proc.stdout
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Run ON the lent GPU machine, in the repository root (see benchmarks/device/README.md for the exact calls):
+#
+#   bash benchmarks/device/run.sh speed tests     # call 1: speed benchmark + tests/test_gpu.py
+#   bash benchmarks/device/run.sh quality         # call 2: Kvasir-SEG quality benchmark
+#   OUT=/tmp/out DEVICE=cpu bash benchmarks/device/run.sh smoke   # here, on CPU: the same steps with tiny settings
+#
+# Needs .whl/ and .carry/Kvasir-SEG (benchmarks/device/prepare.sh) carried with the call. Writes at most 8 files per
+# call under $OUT (what the device tool brings back); each stage has its own time limit so that a slow stage cannot
+# eat the next one. Exit status: non-zero if any stage failed; the others still run.
+#
+# Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (210: deadline of the speed/tests stages),
+# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), DDPM_CASES (10), WHEEL_DIR (.whl).
+set -uo pipefail
+
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || { echo "usage: run.sh speed|tests|quality|smoke ..." >&2; exit 2; }
+: "${OUT:?set OUT to the folder whose files come back}"
+DEVICE="${DEVICE:-cuda}"
+CALL_SECONDS="${CALL_SECONDS:-210}"
+QUALITY_SECONDS="${QUALITY_SECONDS:-500}"
+QUALITY_MINUTES="${QUALITY_MINUTES:-2}"
+DDPM_CASES="${DDPM_CASES:-10}"
+WHEEL_DIR="${WHEEL_DIR:-.whl}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+START=$SECONDS
+FAILED=()
+SUMMARY=()
+
+note() { echo "[run.sh $((SECONDS - START))s] $*"; }
+left() { echo $(($1 - (SECONDS - START))); }  # seconds left before deadline $1 (seconds since start)
+
+# ---------------------------------------------------------------------------------------------------- setup
+# The carried wheels go to /tmp/site (kept between calls while the machine stays warm: installed once).
+if ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
+    stamp="/tmp/site/.installed-$(cat "$WHEEL_DIR"/*.whl | md5sum | cut -c1-12)"
+    if [ ! -e "$stamp" ]; then
+        note "installing $(ls "$WHEEL_DIR" | tr '\n' ' ')into /tmp/site"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            "$WHEEL_DIR"/*.whl || { echo "wheel install failed" >&2; exit 1; }
+        touch "$stamp"
+    fi
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    note "no wheels in $WHEEL_DIR: using the installed packages"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# medsegdiff_bundle/diffusion/ensemble.py imports SimpleITK at the top for STAPLE fusion, which no stage uses, and
+# the GPU image has no SimpleITK (its wheel alone is ~50 MB). Until that import is lazy, a placeholder module lets
+# the package import; any use of it raises. Nothing is written when the package imports without it.
+if ! python3 -c "import medsegdiff_bundle.diffusion" >/dev/null 2>&1 && ! python3 -c "import SimpleITK" >/dev/null 2>&1
+then
+    mkdir -p /tmp/placeholders
+    cat >/tmp/placeholders/SimpleITK.py <<'PY'
+"""Placeholder written by benchmarks/device/run.sh: SimpleITK is not installed on this machine."""
+
+
+def __getattr__(name):
+    raise AttributeError(f"SimpleITK is not installed on this machine (placeholder module); {name} is unavailable")
+PY
+    export PYTHONPATH="/tmp/placeholders:$PYTHONPATH"
+    note "SimpleITK placeholder in use (STAPLE fusion unavailable)"
+fi
+{
+    python3 - <<'PY'
+import platform, sys
+import torch, monai, ignite
+import medsegdiff_bundle
+print("python", platform.python_version(), "| torch", torch.__version__, "| monai", monai.__version__,
+      "| ignite", ignite.__version__, "| medsegdiff_bundle", medsegdiff_bundle.__version__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+PY
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    git log --oneline -1 2>/dev/null || true
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+python3 -c "import medsegdiff_bundle.engine, medsegdiff_bundle.diffusion" || { echo "package import failed" >&2; exit 1; }
+
+run_step() {  # run_step NAME SECONDS LOG CMD...: run CMD with a time limit, log to LOG (appended), record the result
+    local name=$1 limit=$2 log=$3
+    shift 3
+    if [ "$limit" -lt 20 ]; then
+        note "$name: skipped, only ${limit}s left"
+        SUMMARY+=("$name: skipped (time)")
+        return
+    fi
+    note "$name: up to ${limit}s: $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    SUMMARY+=("$name: rc=$rc in $((SECONDS - t0))s")
+    [ "$rc" -eq 0 ] || FAILED+=("$name")
+}
+
+# --------------------------------------------------------------------------------------------------- stages
+speed() {  # default preset at 256^2: bf16 + channels-last (the issue's fast path), then contiguous for comparison
+    local preset=(--preset default) tiny=() deadline=$1
+    if [ "$DEVICE" = cpu ]; then  # the smoke run: the same code paths at toy sizes
+        preset=(--preset small)
+        tiny=(--size 32 --train-batch 2 --train-iters 2 --train-warmup 1 --steps 2 --repeats 1
+              --reference-steps-measured 2)
+    fi
+    run_step speed "$(($(left "$deadline") < 100 ? $(left "$deadline") : 100))" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp --channels-last ${tiny[@]+"${tiny[@]}"} \
+        --out "$OUT/speed.json"
+}
+
+speed_contiguous() {  # last in call 1: only with the time that is left
+    local preset=(--preset default) tiny=()
+    if [ "$DEVICE" = cpu ]; then
+        preset=(--preset small)
+        tiny=(--size 32 --train-batch 2 --train-iters 2 --train-warmup 1 --steps 2 --repeats 1
+              --reference-steps-measured 2)
+    fi
+    run_step speed-contiguous "$(left "$1")" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp ${tiny[@]+"${tiny[@]}"} \
+        --out "$OUT/speed_contiguous.json"
+}
+
+tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels)
+    local limit
+    limit=$(left "$1")
+    [ "$limit" -gt 160 ] && limit=160  # leave room for the contiguous speed run
+    run_step tests "$limit" "$OUT/tests.log" \
+        python3 -m pytest tests/test_gpu.py -v -rs --durations=0 -p no:cacheprovider
+}
+
+quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test split; then DDPM-1000 on DDPM_CASES
+    local deadline=$1 common=(--data .carry/Kvasir-SEG)
+    if [ "$DEVICE" = cpu ]; then  # the smoke run: 12 + 4 cases at 64^2, in a scratch folder
+        rm -rf /tmp/quality_smoke
+        common+=(--smoke --output /tmp/quality_smoke)
+    else
+        common+=(--output runs/quality)
+        common+=(--minutes "$QUALITY_MINUTES")
+    fi
+    # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
+    run_step quality "$(left "$deadline")" "$OUT/quality.log" \
+        python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
+    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases
+    run_step quality-ddpm "$(left "$deadline")" "$OUT/quality.log" \
+        python3 benchmarks/quality.py "${common[@]}" --compare-ddpm --ddpm-cases "$DDPM_CASES" \
+        --out "$OUT/quality_ddpm.json"
+}
+
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+        speed) speed "$CALL_SECONDS" ;;
+        tests) tests "$CALL_SECONDS" ;;
+        quality) quality "$QUALITY_SECONDS" ;;
+        smoke)
+            speed "$CALL_SECONDS"
+            tests "$CALL_SECONDS"
+            speed_contiguous "$CALL_SECONDS"
+            quality "$QUALITY_SECONDS"
+            ;;
+        *) echo "unknown stage $stage (speed|tests|quality|smoke)" >&2; exit 2 ;;
+    esac
+done
+# call 1's comparison run, after the tests, with whatever time is left
+if [[ " ${STAGES[*]} " == *" speed "* ]]; then
+    speed_contiguous "$CALL_SECONDS"
+fi
+
+echo
+note "summary"
+printf '  %s\n' "${SUMMARY[@]}"
+python3 - "$OUT" <<'PY' || true
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("speed.json", "speed_contiguous.json"):
+    p = out / name
+    if p.is_file():
+        r = json.loads(p.read_text())
+        s = r["settings"]
+        print(f"  {name}: {r['device']}: fast path {r['ensemble_latency_s']:.4f} s/image (ensemble {s['ensemble']}, "
+              f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}), reference "
+              f"{r['reference_latency_s']:.2f} s/image, speed-up {r['speedup']:.0f}x, "
+              f"training {r.get('train_img_per_s', float('nan')):.1f} img/s, peak {r.get('train_peak_mem_gb', 0):.2f} GB")
+for name in ("quality.json", "quality_ddpm.json"):
+    p = out / name
+    if p.is_file():
+        r = json.loads(p.read_text())
+        line = (f"  {name}: Dice MedSegDiff-V2 {r['dice_medsegdiff']:.4f} vs DynUNet {r.get('dice_baseline', float('nan')):.4f}"
+                f" (train min {r['train_minutes']})")
+        if "ddpm" in r:
+            line += f"; first {r['ddpm']['cases']}: DDPM-1000 {r['ddpm']['dice_ddpm1000']:.4f} vs fast {r['ddpm']['dice_fast']:.4f}"
+        print(line)
+PY
+ls -la "$OUT"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    note "failed: ${FAILED[*]}"
+    exit 1
+fi
