@@ -37,10 +37,14 @@ def test_to_channels_last_can_be_switched_off_from_a_config():
         to_channels_last(torch.nn.Conv1d(2, 2, 3), spatial_dims=1)
 
 
-def _train(channels_last: bool = False, compile: bool = False, iterations: int = 2) -> tuple[torch.nn.Module, list]:
-    """``iterations`` SupervisedTrainer steps (SGD, so that updates stay linear in the gradients and comparable)."""
+def _train(channels_last: bool = False, compile: bool = False, iterations: int = 2,
+           seen_inputs: list | None = None) -> tuple[torch.nn.Module, list]:
+    """``iterations`` SupervisedTrainer steps (SGD, so that updates stay linear in the gradients and comparable);
+    ``seen_inputs`` collects the types of the tensors the condition network's stem receives."""
     torch.manual_seed(0)
     net = tiny_model()
+    if seen_inputs is not None:
+        net.condition_unet.stem.register_forward_hook(lambda module, args, out: seen_inputs.append(type(args[0])))
     if channels_last:
         to_channels_last(net)
     image, label = synthetic_batch(4, 32, seed=7)
@@ -76,3 +80,10 @@ def test_training_iteration_switches_give_the_default_losses_and_weights():
             assert torch.allclose(a, b, atol=1e-5), (options, name)
         assert list(net.state_dict()) == list(plain.state_dict()), options  # no "_orig_mod." prefix
         assert list(EMAModel(net).state_dict()) == list(EMAModel(plain).state_dict())
+
+
+def test_training_iteration_hands_the_network_plain_tensors():
+    """The data loader's MetaTensors are unwrapped: their per-op Python would run in every forward."""
+    seen: list = []
+    _train(iterations=1, seen_inputs=seen)
+    assert seen == [torch.Tensor]

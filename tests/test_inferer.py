@@ -192,3 +192,19 @@ def test_fast_path_flags_from_the_command_line_are_parsed():
     assert inferer.channels_last is False and inferer.compile is True
     with pytest.raises(ValueError, match="channels_last"):
         DiffusionSegInferer(channels_last="maybe")
+
+
+def test_the_network_gets_plain_tensors_and_the_caller_its_meta_tensor_back():
+    """MetaTensor's per-op Python (__torch_function__) stays out of the sampling loop; the output keeps the meta."""
+    from monai.data import MetaTensor
+
+    net = _fresh()
+    seen = []
+    handle = net.diffusion_unet.stem.register_forward_hook(lambda module, args, out: seen.append(type(args[0])))
+    try:
+        image = MetaTensor(torch.randn(1, 3, 32, 32), meta={"filename_or_obj": "case.png"})
+        out = DiffusionSegInferer(steps=2, ensemble=2)(image, net)
+    finally:
+        handle.remove()
+    assert seen and all(t is torch.Tensor for t in seen)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "case.png"

@@ -101,11 +101,11 @@ class DiffusionTrainIteration:
         if first_of_cycle:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=as_bool(engine.amp, "amp")):
-            if self._compiled is None:
-                losses = diffusion_forward(engine.network, self.scheduler, self.loss_function, image, label, generator)
-            else:  # dynamo traces plain tensors, not MONAI's MetaTensor (its __torch_function__ breaks the trace)
-                losses = diffusion_forward(self._compiled(engine.network), self.scheduler, self.loss_function,
-                                           _plain(image), _plain(label), generator)
+            network = engine.network if self._compiled is None else self._compiled(engine.network)
+            # plain tensors: MetaTensor's __torch_function__ runs Python on every forward op (host time that a GPU
+            # step cannot hide) and dynamo cannot trace it; the losses are the same numbers
+            losses = diffusion_forward(network, self.scheduler, self.loss_function, _plain(image), _plain(label),
+                                       generator)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
