@@ -1,6 +1,8 @@
 """Tests for ``medsegdiff_bundle.diffusion.ensemble``."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +134,27 @@ def test_invalid_method_names_raise():
         fuse(members, "median")
     with pytest.raises(ValueError, match=r"uncertainty must be one of.*'variance'"):
         uncertainty(members, "variance")
+
+
+def test_package_runs_without_simpleitk_until_staple_is_asked_for():
+    """The GPU image has no SimpleITK: the package and mean fusion must work; STAPLE must say what is missing."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'SimpleITK':\n"
+        "            raise ImportError('No module named SimpleITK')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "import medsegdiff_bundle.diffusion, medsegdiff_bundle.engine, medsegdiff_bundle.data\n"
+        "from medsegdiff_bundle.diffusion.ensemble import fuse\n"
+        "m = torch.rand(3, 1, 2, 4, 4)\n"
+        "assert torch.allclose(fuse(m, 'mean'), m.mean(0))\n"
+        "try:\n"
+        "    fuse(m, 'staple')\n"
+        "except ImportError as e:\n"
+        "    print('STAPLE:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "STAPLE: No module named SimpleITK" in out.stdout

@@ -7,7 +7,7 @@
 #                       scikit-image, matplotlib, tqdm, pyyaml, psutil, pytest, pytest-timeout, tabulate, einops):
 #                       MONAI and pytorch-ignite, both pure Python, at the versions installed here (the ones the
 #                       tests pass with). SimpleITK, itk, nibabel and fire are not needed by the three stages
-#                       (see README.md: SimpleITK is replaced by a placeholder module at run time).
+#                       (see README.md: SimpleITK is imported only by STAPLE fusion, when it is used).
 # * .carry/Kvasir-SEG/  a copy of ../shared/data/Kvasir-SEG for the quality stage. Research-only data: both folders
 #                       are git-ignored (/.whl/ and /.carry/ in .gitignore) and must never be committed.
 #

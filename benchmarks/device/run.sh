@@ -46,22 +46,6 @@ else
     note "no wheels in $WHEEL_DIR: using the installed packages"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# medsegdiff_bundle/diffusion/ensemble.py imports SimpleITK at the top for STAPLE fusion, which no stage uses, and
-# the GPU image has no SimpleITK (its wheel alone is ~50 MB). Until that import is lazy, a placeholder module lets
-# the package import; any use of it raises. Nothing is written when the package imports without it.
-if ! python3 -c "import medsegdiff_bundle.diffusion" >/dev/null 2>&1 && ! python3 -c "import SimpleITK" >/dev/null 2>&1
-then
-    mkdir -p /tmp/placeholders
-    cat >/tmp/placeholders/SimpleITK.py <<'PY'
-"""Placeholder written by benchmarks/device/run.sh: SimpleITK is not installed on this machine."""
-
-
-def __getattr__(name):
-    raise AttributeError(f"SimpleITK is not installed on this machine (placeholder module); {name} is unavailable")
-PY
-    export PYTHONPATH="/tmp/placeholders:$PYTHONPATH"
-    note "SimpleITK placeholder in use (STAPLE fusion unavailable)"
-fi
 {
     python3 - <<'PY'
 import platform, sys

@@ -6,7 +6,6 @@ Members are class probabilities stacked as ``(N, B, K, *S)``.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 __all__ = ["FUSIONS", "UNCERTAINTIES", "fuse_mean", "fuse_staple", "fuse", "uncertainty_std", "uncertainty_entropy", "uncertainty"]
@@ -27,6 +26,8 @@ def fuse_staple(members: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """
     if members.shape[2] != 2:
         raise ValueError(f"STAPLE fusion is for binary segmentation (2 classes), got {members.shape[2]} classes.")
+    import SimpleITK as sitk  # only this optional fusion needs it (the package runs without SimpleITK elsewhere)
+
     fused = []
     for b in range(members.shape[1]):
         votes = [
