@@ -55,12 +55,18 @@ class MedSegDiffLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         label = validate_label(label, self.num_classes)
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
+        anchor_target = label.float() if self.num_classes == 2 else label
+        if self.alpha == 1:  # every sample is supervised: no indicator to read back from the device
+            anchor = self.anchor_loss(anchor_logits.float(), anchor_target)
+            return self._total(diffusion_loss, anchor)
         selected = (timesteps % self.alpha) == 0
         anchor = diffusion_loss.new_zeros(())
         if bool(selected.any()):
-            target = label.float() if self.num_classes == 2 else label
-            anchor = self.anchor_loss(anchor_logits[selected].float(), target[selected])
+            anchor = self.anchor_loss(anchor_logits[selected].float(), anchor_target[selected])
             # mean over the batch of indicator * L_i  ==  (fraction selected) * mean over the selected samples
             anchor = anchor * selected.float().mean()
+        return self._total(diffusion_loss, anchor)
+
+    def _total(self, diffusion_loss: torch.Tensor, anchor: torch.Tensor) -> dict[str, torch.Tensor]:
         total = diffusion_loss + self.anchor_weight * anchor
         return {"loss": total, "diffusion": diffusion_loss.detach(), "anchor": anchor.detach()}
