@@ -235,6 +235,34 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
     return summarize(metrics)
 
 
+def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, variant: dict, device) -> dict:
+    """Dice of the predicted mask after every sampler step on the first ``--trajectory`` test cases, at the
+    training size, next to the anchor's Dice (written to ``<root>/eval/trajectory.csv|png``)."""
+    import torch
+    from monai.data import DataLoader, Dataset
+
+    from medsegdiff_bundle.data.transforms import build_preprocessing
+    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
+    from medsegdiff_bundle.evaluation import denoising_trajectory, save_trajectory_plot
+    from medsegdiff_bundle.networks import MedSegDiffV2
+
+    cases = [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")}
+             for c in test_ids[: args.trajectory]]
+    transform = build_preprocessing(2, "validate", [args.size] * 2, 2, label_threshold=LABEL_THRESHOLD)
+    batch = next(iter(DataLoader(Dataset(cases, transform), batch_size=len(cases))))
+    network = MedSegDiffV2(2, 3, 2, args.channels, **variant)
+    network.load_state_dict(torch.load(final_ema_weights(root), map_location="cpu", weights_only=True))
+    network.to(device).eval()
+    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed)
+    image, label = (torch.as_tensor(batch[k]).to(device) for k in ("image", "label"))
+    table, summary = denoising_trajectory(network, sampler, image, label)
+    out_dir = root / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "trajectory.csv", index=False)
+    save_trajectory_plot(out_dir / "trajectory.png", table, summary)
+    return {"cases": len(cases), "size": args.size, **summary, "dice_per_step": [round(float(d), 4) for d in table["dice"]]}
+
+
 # ----------------------------------------------------------------------------------------------------- DynUNet
 def dynunet_topology(size: int, filters_max: int, filters_base: int) -> dict:
     """nnU-Net-like 2D topology: 3x3 kernels, first stride 1, then stride 2 while the map stays >= 8 px (>= 4 px
@@ -363,6 +391,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DynUNet filters: first level and cap")
     p.add_argument("--compare-ddpm", action="store_true", help="also sample the MedSegDiff model with DDPM-1000")
     p.add_argument("--ddpm-cases", type=int, default=10, help="first N test cases for --compare-ddpm")
+    p.add_argument("--trajectory", type=int, default=0, metavar="N",
+                   help="Dice after every sampler step on the first N test cases (at --size), next to the anchor's")
     p.add_argument("--ablations", default="", help="comma-separated variants, e.g. none,sa,usa,usa+ssformer")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--write-split", action="store_true", help="rewrite benchmarks/splits/kvasir_seg_split.json")
@@ -468,6 +498,9 @@ def main(argv=None) -> int:
                           "iou_fast": fast["iou"], "hd95_fast": fast["hd95"],
                           "ddpm_eval_minutes_this_run": (time.monotonic() - ddpm_t) / 60.0}
 
+    if args.trajectory > 0:
+        result["trajectory"] = sampler_trajectory(msd_root, data, test_ids, args, main_variant, device)
+
     # ablations: same budget, same data, only anchor / semantic differ
     variants = [v.strip() for v in args.ablations.split(",") if v.strip()]
     if variants:
@@ -508,6 +541,10 @@ def main(argv=None) -> int:
         d = result["ddpm"]
         print(f"first {d['cases']} test cases: Dice DDPM-1000 {fmt(d['dice_ddpm1000'])} vs "
               f"{args.sampler}-{args.steps} {fmt(d['dice_fast'])}")
+    if "trajectory" in result:
+        tr = result["trajectory"]
+        print(f"first {tr['cases']} test cases at {tr['size']}²: anchor Dice {fmt(tr['anchor_dice'])}, predicted x0 after "
+              f"step 1 {fmt(tr['first_step_dice'])}, best step {fmt(tr['best_step_dice'])}, final {fmt(tr['final_dice'])}")
     for v, r in result.get("ablations", {}).items():
         print(f"{f'ablation {v}':<34}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
               f"{r['train_minutes']:>11.2f}")

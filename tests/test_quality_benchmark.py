@@ -76,13 +76,19 @@ def test_quality_benchmark_smoke(tmp_path):
     assert test_ids <= split_ids and not train_ids & split_ids
     assert all(Path(c["image"]).is_absolute() for c in train + test)
 
-    # a rerun is resumable: everything is found done and nothing retrains
+    # a rerun is resumable: everything is found done and nothing retrains; it adds the per-step trajectory
     proc2 = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--trajectory", "3"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert proc2.returncode == 0, proc2.stdout[-4000:] + proc2.stderr[-4000:]
     res2 = json.loads(results[0].read_text(encoding="utf-8"))
     assert res2["dice_medsegdiff"] == res["dice_medsegdiff"] and res2["dice_baseline"] == res["dice_baseline"]
     assert "Epoch:" not in proc2.stdout + proc2.stderr and "dynunet epoch" not in proc2.stdout
+    traj = res2["trajectory"]
+    assert traj["cases"] == 3 and len(traj["dice_per_step"]) == res2["steps"]
+    for key in ("anchor_dice", "first_step_dice", "best_step_dice", "final_dice"):
+        assert 0.0 <= traj[key] <= 1.0, (key, traj[key])
+    assert traj["best_step_dice"] == pytest.approx(max(traj["dice_per_step"]), abs=1e-4)
+    assert (tmp_path / "medsegdiff" / "eval" / "trajectory.png").is_file()
     print(f"smoke run: {elapsed:.1f} s")

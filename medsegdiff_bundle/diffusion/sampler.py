@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,18 @@ class DiffusionSampler:
         return torch.Generator(device=device).manual_seed(self.seed)
 
     @torch.no_grad()
-    def __call__(self, network: MedSegDiffV2, image: torch.Tensor) -> SampleResult:
-        """Sample ``image (B, C_in, *S)`` -> :class:`SampleResult`."""
+    def __call__(
+        self,
+        network: MedSegDiffV2,
+        image: torch.Tensor,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ) -> SampleResult:
+        """Sample ``image (B, C_in, *S)`` -> :class:`SampleResult`.
+
+        ``callback(step, timestep, x0)``, if given, sees every step's predicted clean sample ``x0 (B * N, M, *S)``
+        (members of an image adjacent); it is for diagnostics (e.g. :mod:`medsegdiff_bundle.evaluation.trajectory`),
+        and whatever it reads back from the device costs a synchronisation per step.
+        """
         b, n = image.shape[0], self.ensemble
         cond = network.condition(image)
         anchor_probs = channel_to_class_probs(cond.anchor, network.num_classes)
@@ -103,12 +114,14 @@ class DiffusionSampler:
         )
         self.scheduler.set_timesteps(self.steps)  # resets multistep state
         x0 = x
-        for t in self.scheduler.timesteps.tolist():
+        for step, t in enumerate(self.scheduler.timesteps.tolist()):
             eps = network.denoise(x, torch.full((b * n,), t, device=image.device, dtype=torch.long), cond)
             if self.sampler == "ddpm":
                 x, x0 = self.scheduler.step(eps, t, x, generator=generator)
             else:
                 x, x0 = self.scheduler.step(eps, t, x)
+            if callback is not None:
+                callback(step, t, x0)
         # the last step's predicted x0 is the sample (DDPM's and DPM-Solver++'s last step return it as x too;
         # DDIM with T % steps != 0 would otherwise stop at a small t > 0)
         probs = x0_to_probs(x0, network.num_classes)

@@ -1,6 +1,10 @@
 """Evaluation: metric tables and pictures."""
 
-from .metrics import case_metrics, format_summary_markdown, summarize_metrics
-from .visualize import representative_slice, save_overlay, save_training_curves
+from .metrics import case_metrics, dice_scores, format_summary_markdown, summarize_metrics
+from .trajectory import denoising_trajectory
+from .visualize import representative_slice, save_overlay, save_training_curves, save_trajectory_plot
 
-__all__ = ["case_metrics", "format_summary_markdown", "representative_slice", "save_overlay", "save_training_curves", "summarize_metrics"]
+__all__ = [
+    "case_metrics", "denoising_trajectory", "dice_scores", "format_summary_markdown", "representative_slice", "save_overlay",
+    "save_training_curves", "save_trajectory_plot", "summarize_metrics",
+]

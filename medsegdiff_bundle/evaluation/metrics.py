@@ -11,11 +11,22 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
-__all__ = ["case_metrics", "summarize_metrics", "format_summary_markdown"]
+__all__ = ["case_metrics", "dice_scores", "summarize_metrics", "format_summary_markdown"]
 
 
 def _onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
+
+
+def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice of each case and foreground class: label maps ``(B, 1, *S)`` -> ``(B, num_classes - 1)``.
+
+    A class absent from both prediction and reference scores 1.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(target.shape)} differ in shape.")
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    return metric(_onehot(pred, num_classes), _onehot(target, num_classes))
 
 
 def case_metrics(
@@ -46,8 +57,8 @@ def case_metrics(
     if len(case_ids) != pred.shape[0]:
         raise ValueError(f"{len(case_ids)} case ids for {pred.shape[0]} cases.")
     names = list(class_names) if class_names is not None else [f"class_{c}" for c in range(1, num_classes)]
+    dice = dice_scores(pred, target, num_classes)
     p, t = _onehot(pred, num_classes), _onehot(target, num_classes)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p, t)
     iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)(p, t)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns for empty classes; we report NaN for those instead

@@ -101,3 +101,17 @@ def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def save_trajectory_plot(path: str | Path, table: Mapping[str, Sequence[float]], summary: Mapping[str, float]) -> Path:
+    """Dice of the predicted mask after each sampler step (``table``: ``step``, ``dice``) with the anchor's Dice
+    (``summary["anchor_dice"]``) as a reference line; see :mod:`medsegdiff_bundle.evaluation.trajectory`."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [int(s) + 1 for s in table["step"]]
+    ax.plot(steps, list(table["dice"]), marker="o", markersize=3, linewidth=1, label="predicted x0 after step")
+    ax.axhline(summary["anchor_dice"], color="tab:orange", linestyle="--", linewidth=1, label="anchor (condition model)")
+    ax.set_xlabel("sampler step")
+    ax.set_ylabel("Dice")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
