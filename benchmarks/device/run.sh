@@ -10,7 +10,8 @@
 # eat the next one. Exit status: non-zero if any stage failed; the others still run.
 #
 # Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (210: deadline of the speed/tests stages),
-# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), DDPM_CASES (10), WHEEL_DIR (.whl).
+# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), DDPM_CASES (10), TRAJECTORY_CASES (30:
+# Dice after every sampler step, next to the anchor's), WHEEL_DIR (.whl).
 set -uo pipefail
 
 STAGES=("$@")
@@ -21,6 +22,7 @@ CALL_SECONDS="${CALL_SECONDS:-210}"
 QUALITY_SECONDS="${QUALITY_SECONDS:-500}"
 QUALITY_MINUTES="${QUALITY_MINUTES:-2}"
 DDPM_CASES="${DDPM_CASES:-10}"
+TRAJECTORY_CASES="${TRAJECTORY_CASES:-30}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -122,10 +124,11 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
-    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases
+    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases and
+    # the per-step trajectory
     run_step quality-ddpm "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --compare-ddpm --ddpm-cases "$DDPM_CASES" \
-        --out "$OUT/quality_ddpm.json"
+        --trajectory "$TRAJECTORY_CASES" --out "$OUT/quality_ddpm.json"
 }
 
 for stage in "${STAGES[@]}"; do
