@@ -50,3 +50,43 @@ def test_ensemble_uncertainty_concentrates_on_errors(trained_tiny_model):
     wrong = result.probs.argmax(1, keepdim=True) != label
     assert wrong.any()
     assert float(result.uncertainty[wrong].mean()) > 2 * float(result.uncertainty[~wrong].mean())
+
+
+def test_timestep_distribution_follows_the_power():
+    """power 1 is the uniform integer draw; power p has density ~ t^(p-1) (mean T * p / (p + 1)); all in [0, T)."""
+    from medsegdiff_bundle.diffusion import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20000, 1000, 1.0, generator=g)
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    for power in (2.0, 3.0, 0.5):
+        t = sample_timesteps(20000, 1000, power, generator=torch.Generator().manual_seed(1)).double()
+        assert 0 <= t.min() and t.max() <= 999
+        assert abs(t.mean().item() - 1000 * power / (power + 1)) < 10, (power, t.mean())
+        # the upper quarter gets 1 - 0.75**p of the draws
+        assert abs((t >= 750).double().mean().item() - (1 - 0.75**power)) < 0.015
+    a = sample_timesteps(8, 1000, 2.0, generator=torch.Generator().manual_seed(5))
+    b = sample_timesteps(8, 1000, 2.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.dtype == torch.long
+    with pytest.raises(ValueError, match="timestep_power must be > 0"):
+        sample_timesteps(4, 1000, 0.0)
+
+
+def test_training_step_draws_its_timesteps_with_the_power():
+    """diffusion_forward hands the loss timesteps from the requested distribution (the iteration passes it on)."""
+    from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler
+    from medsegdiff_bundle.engine import DiffusionTrainIteration
+
+    seen = []
+
+    class Recording(MedSegDiffLoss):
+        def forward(self, prediction, target, anchor_logits, label, timesteps):
+            seen.append(timesteps)
+            return super().forward(prediction, target, anchor_logits, label, timesteps)
+
+    model = tiny_model()
+    image, label = synthetic_batch(16, 16)
+    diffusion_forward(model, make_scheduler("ddpm"), Recording(2), image, label, torch.Generator().manual_seed(0), 200.0)
+    assert seen[-1].min() >= 900  # P(t < 900) = 0.9**200 per sample
+    with pytest.raises(ValueError, match="timestep_power must be > 0"):
+        DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), timestep_power=-1)

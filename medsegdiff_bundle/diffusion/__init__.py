@@ -5,7 +5,7 @@ from .labels import channel_to_class_probs, label_to_x0, mask_channels, probs_to
 from .losses import MedSegDiffLoss
 from .sampler import DiffusionSampler, SampleResult
 from .schedulers import PREDICTION_TYPES, SAMPLERS, DPMSolverPPScheduler, TrailingDDIMScheduler, make_scheduler
-from .training import diffusion_forward
+from .training import diffusion_forward, sample_timesteps
 
 __all__ = [
     "FUSIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "TrailingDDIMScheduler",
     "channel_to_class_probs",
     "diffusion_forward",
+    "sample_timesteps",
     "fuse",
     "label_to_x0",
     "make_scheduler",

@@ -13,7 +13,28 @@ from ..networks.medsegdiff import MedSegDiffV2
 from .labels import label_to_x0
 from .losses import MedSegDiffLoss
 
-__all__ = ["diffusion_forward"]
+__all__ = ["diffusion_forward", "sample_timesteps"]
+
+
+def sample_timesteps(
+    batch: int,
+    num_train_timesteps: int,
+    power: float = 1.0,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training timesteps ``(batch,)`` in ``[0, T)``: ``t = floor(T * u ** (1 / power))`` with ``u ~ U[0, 1)``.
+
+    The density of ``t`` grows as ``t ** (power - 1)``: ``power = 1`` is the usual uniform draw; ``power > 1`` spends
+    more of the training on noisy timesteps, where the mask must be read from the image rather than from ``x_t``
+    (the steps a few-step sampler depends on most).
+    """
+    if not power > 0:
+        raise ValueError(f"timestep_power must be > 0, got {power}.")
+    if power == 1.0:  # the exact uniform integer draw (as MONAI's tutorials do)
+        return torch.randint(0, num_train_timesteps, (batch,), device=device, generator=generator)
+    u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
+    return (num_train_timesteps * u.pow(1.0 / power)).long().clamp_(0, num_train_timesteps - 1)
 
 
 def diffusion_forward(
@@ -23,8 +44,10 @@ def diffusion_forward(
     image: torch.Tensor,
     label: torch.Tensor,
     generator: torch.Generator | None = None,
+    timestep_power: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Sample ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)`` per sample, noise the encoded label and return the loss dict.
+    """Sample ``t`` (see :func:`sample_timesteps`) and ``eps ~ N(0, I)`` per sample, noise the encoded label and
+    return the loss dict.
 
     The regression target follows ``scheduler.prediction_type``: the noise (``"epsilon"``) or ``x0`` (``"sample"``).
 
@@ -35,6 +58,7 @@ def diffusion_forward(
         image: ``(B, C_in, *S)``.
         label: integer label map ``(B, 1, *S)``.
         generator: optional RNG for ``t`` and ``eps`` (reproducible training).
+        timestep_power: shape of the timestep distribution (1 = uniform; see :func:`sample_timesteps`).
     """
     if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
         raise ValueError(
@@ -43,7 +67,7 @@ def diffusion_forward(
     core = getattr(network, "module", network)  # DistributedDataParallel / EMA wrappers keep the model in .module
     x0 = label_to_x0(label, core.num_classes).to(image.dtype)
     b = image.shape[0]
-    timesteps = torch.randint(0, scheduler.num_train_timesteps, (b,), device=image.device, generator=generator)
+    timesteps = sample_timesteps(b, scheduler.num_train_timesteps, timestep_power, image.device, generator)
     noise = torch.randn(x0.shape, device=image.device, dtype=x0.dtype, generator=generator)
     x_t = scheduler.add_noise(x0, noise, timesteps)
     prediction, anchor_logits = network(x_t, image, timesteps)

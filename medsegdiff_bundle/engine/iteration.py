@@ -51,6 +51,8 @@ class DiffusionTrainIteration:
             module is not modified, so checkpoints, the EMA copy and ``state_dict`` keys are those of the plain
             network. A DDP-wrapped network is called through DDP's forward, so gradients are still synchronised.
         compile_backend: the ``torch.compile`` backend, ``"inductor"`` (default) or e.g. ``"aot_eager"``.
+        timestep_power: shape of the training timestep distribution, density ``~ t ** (power - 1)`` (1 = uniform;
+            see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
 
     Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
     the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch
@@ -69,6 +71,7 @@ class DiffusionTrainIteration:
         channels_last: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
+        timestep_power: float = 1.0,
     ) -> None:
         if amp_dtype not in _AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {tuple(_AMP_DTYPES)}, got {amp_dtype!r}.")
@@ -81,6 +84,9 @@ class DiffusionTrainIteration:
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
         self._compiled = compile_network_calls(compile_backend, forward=True, denoise=False) if self.compile else None
+        if not float(timestep_power) > 0:
+            raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
+        self.timestep_power = float(timestep_power)
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -105,7 +111,7 @@ class DiffusionTrainIteration:
             # plain tensors: MetaTensor's __torch_function__ runs Python on every forward op (host time that a GPU
             # step cannot hide) and dynamo cannot trace it; the losses are the same numbers
             losses = diffusion_forward(network, self.scheduler, self.loss_function, _plain(image), _plain(label),
-                                       generator)
+                                       generator, self.timestep_power)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
