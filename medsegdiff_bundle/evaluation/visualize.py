@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["representative_slice", "save_overlay", "save_training_curves"]
@@ -111,6 +112,7 @@ def save_trajectory_plot(path: str | Path, table: Mapping[str, Sequence[float]],
     ax.plot(steps, list(table["dice"]), marker="o", markersize=3, linewidth=1, label="predicted x0 after step")
     ax.axhline(summary["anchor_dice"], color="tab:orange", linestyle="--", linewidth=1, label="anchor (condition model)")
     ax.set_xlabel("sampler step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Dice")
     ax.legend()
     ax.grid(alpha=0.3)
