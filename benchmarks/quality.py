@@ -253,7 +253,7 @@ def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, varian
     network = MedSegDiffV2(2, 3, 2, args.channels, **variant)
     network.load_state_dict(torch.load(final_ema_weights(root), map_location="cpu", weights_only=True))
     network.to(device).eval()
-    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed)
+    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
     image, label = (torch.as_tensor(batch[k]).to(device) for k in ("image", "label"))
     table, summary = denoising_trajectory(network, sampler, image, label)
     out_dir = root / "eval"
@@ -384,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="dpmpp", help="MedSegDiff sampler for the test evaluation")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble members per image")
+    p.add_argument("--round-x0", action="store_true",
+                   help="sampler steps continue from the most probable clean mask (DiffusionSampler round_x0)")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--timestep-power", type=float, default=None,
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
                    "synthetic_if_missing": False}
-    eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble}
+    eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble, "round_x0": args.round_x0}
     if args.smoke:
         common["amp"] = False
 
@@ -458,6 +460,7 @@ def main(argv=None) -> int:
         "sampler": args.sampler,
         "steps": args.steps,
         "ensemble": args.ensemble,
+        "round_x0": bool(args.round_x0),
         "settings": {k: v for k, v in vars(args).items()},
     }
 
@@ -465,7 +468,8 @@ def main(argv=None) -> int:
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
     msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
-    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra)
+    rounded = "_round_x0" if args.round_x0 else ""  # a separate, resumable evaluation per sampler setting
+    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra, f"evaluation{rounded}")
     result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
                    "train_minutes_medsegdiff": msd_minutes, "medsegdiff": msd})
 
@@ -491,7 +495,7 @@ def main(argv=None) -> int:
         n = max(1, args.ddpm_cases)
         sub_dl = out / f"datalist_test_first{n}.json"
         write_json(sub_dl, {"training": json.loads(test_dl.read_text(encoding="utf-8"))["training"][:n]})
-        fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, eval_extra, f"fast_first{n}")
+        fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, eval_extra, f"fast_first{n}{rounded}")
         ddpm_t = time.monotonic()
         ddpm = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant},
                                    {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble}, f"ddpm_first{n}")
@@ -515,7 +519,7 @@ def main(argv=None) -> int:
             else:
                 root = out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
                 minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
-                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra)
+                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra, f"evaluation{rounded}")
             result["ablations"][v] = {**settings, "dice": res["dice"], "iou": res["iou"], "hd95": res["hd95"],
                                       "train_minutes": minutes}
 

@@ -74,14 +74,16 @@ class OracleNetwork(torch.nn.Module):
 @pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddim", 20), ("dpmpp", 5), ("dpmpp", 20), ("ddpm", T)])
 @pytest.mark.parametrize("num_classes", [2, 3])
 @pytest.mark.parametrize("schedule", ["linear_beta", "cosine"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "sample+round_x0"])
 def test_samplers_recover_the_mask_from_an_exact_denoiser(sampler, steps, num_classes, schedule, prediction_type):
     """With the true noise every sampler must land on the true mask (catches wrong coefficients/last steps)."""
     label = torch.zeros(2, 1, 16, 16, dtype=torch.long)
     label[0, 0, 3:9, 4:12] = 1
     label[1, 0, 8:14, 2:7] = num_classes - 1
+    prediction_type, _, rounding = prediction_type.partition("+")
     net = OracleNetwork(label, num_classes, schedule, prediction_type)
-    sampling = DiffusionSampler(sampler, steps, ensemble=3, schedule=schedule, prediction_type=prediction_type, seed=1)
+    sampling = DiffusionSampler(sampler, steps, ensemble=3, schedule=schedule, prediction_type=prediction_type, seed=1,
+                                round_x0=rounding == "round_x0")
     result = sampling(net, torch.zeros(2, 1, 16, 16))
     assert result.probs.shape == (2, num_classes, 16, 16)
     assert torch.equal(result.probs.argmax(1, keepdim=True), label)
@@ -154,3 +156,47 @@ def test_staple_fusion_and_entropy_uncertainty_options():
     assert float(res.uncertainty.min()) >= 0 and float(res.uncertainty.max()) <= float(torch.log(torch.tensor(2.0))) + 1e-5
     with pytest.raises(ValueError, match="STAPLE fusion is for binary"):
         DiffusionSampler("ddim", 4, ensemble=2, fusion="staple")(tiny_model(num_classes=3).eval(), image)
+
+
+def test_round_x0_gives_the_most_probable_mask_in_the_diffusion_encoding():
+    from medsegdiff_bundle.diffusion import round_x0
+
+    soft = torch.tensor([[[[0.3, -0.2], [0.0, 1.0]]]])
+    assert round_x0(soft, 2).tolist() == [[[[1.0, -1.0], [-1.0, 1.0]]]]
+    multi = torch.tensor([[[[0.9]], [[0.1]], [[-0.5]]], [[[-1.0]], [[-0.9]], [[0.2]]]])  # (2, 3, 1, 1)
+    assert round_x0(multi, 3)[:, :, 0, 0].tolist() == [[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]]
+
+
+class ConstantX0Network(OracleNetwork):
+    """Predicts the same soft x0 everywhere and records every noisy input it is given."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(torch.zeros(1, 1, 8, 8, dtype=torch.long), 2, "linear_beta", "sample")
+        self.value, self.inputs = value, []
+
+    def denoise(self, x_t, timesteps, cond):
+        self.inputs.append(x_t.clone())
+        return torch.full_like(x_t, self.value)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_round_x0_feeds_the_solver_a_binary_mask_and_returns_the_soft_prediction(sampler):
+    net = ConstantX0Network(0.2)
+    result = DiffusionSampler(sampler, 3, ensemble=1, seed=7, round_x0=True)(net, torch.rand(1, 3, 8, 8))
+    # what the second step sees is the first solver step taken from x0 = +1 (the rounding of 0.2)
+    manual = make_scheduler(sampler, T, "linear_beta", "sample")
+    manual.set_timesteps(3)
+    x = torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(net.inputs[0], x)
+    t0 = manual.timesteps.tolist()[0]
+    expected, _ = manual.step(torch.ones_like(x), t0, x)
+    assert torch.allclose(net.inputs[1], expected, atol=1e-6)
+    unrounded, _ = make_scheduler(sampler, T, "linear_beta", "sample").step(torch.full_like(x, 0.2), t0, x)
+    assert not torch.allclose(net.inputs[1], unrounded, atol=1e-3)
+    # the output probabilities come from the soft prediction: p = (0.2 + 1) / 2
+    assert torch.allclose(result.probs[:, 1], torch.full((1, 8, 8), 0.6), atol=1e-6)
+
+
+def test_round_x0_needs_x0_prediction():
+    with pytest.raises(ValueError, match="round_x0 needs an x0-predicting network"):
+        DiffusionSampler("ddim", 4, prediction_type="epsilon", round_x0=True)

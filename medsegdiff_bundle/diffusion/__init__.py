@@ -1,7 +1,9 @@
 """Diffusion process: label encoding, schedulers and samplers, ensemble fusion, training objective."""
 
 from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
-from .labels import channel_to_class_probs, label_to_x0, mask_channels, probs_to_label, validate_label, x0_to_probs
+from .labels import (
+    channel_to_class_probs, label_to_x0, mask_channels, probs_to_label, round_x0, validate_label, x0_to_probs,
+)
 from .losses import MedSegDiffLoss
 from .sampler import DiffusionSampler, SampleResult
 from .schedulers import PREDICTION_TYPES, SAMPLERS, DPMSolverPPScheduler, TrailingDDIMScheduler, make_scheduler
@@ -25,6 +27,7 @@ __all__ = [
     "make_scheduler",
     "mask_channels",
     "probs_to_label",
+    "round_x0",
     "uncertainty",
     "validate_label",
     "x0_to_probs",

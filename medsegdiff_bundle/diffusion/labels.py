@@ -61,6 +61,17 @@ def label_to_x0(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     return onehot * 2.0 - 1.0
 
 
+def round_x0(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Soft ``x0 (B, M, *S)`` -> the most probable clean mask in the same ``{-1, 1}`` encoding.
+
+    Binary: ``+1`` where ``x0 > 0``; multi-class: the one-hot argmax over channels. No device -> host transfer.
+    """
+    if num_classes == 2:
+        return torch.where(x0 > 0, 1.0, -1.0).to(x0.dtype)
+    onehot = F.one_hot(x0.argmax(dim=1), num_classes).movedim(-1, 1)
+    return (onehot * 2 - 1).to(x0.dtype)
+
+
 def x0_to_probs(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Predicted ``x0 (B, M, *S)`` -> class probabilities ``(B, num_classes, *S)``.
 

@@ -9,7 +9,7 @@ import torch
 
 from ..networks.medsegdiff import MedSegDiffV2
 from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
-from .labels import channel_to_class_probs, x0_to_probs
+from .labels import channel_to_class_probs, round_x0, x0_to_probs
 from .schedulers import SAMPLERS, make_scheduler
 
 __all__ = ["SampleResult", "DiffusionSampler"]
@@ -48,6 +48,9 @@ class DiffusionSampler:
         schedule: the training noise schedule (a MONAI ``NoiseSchedules`` name).
         prediction_type: what the network was trained to predict, ``"sample"`` (x0, default) or ``"epsilon"``.
         seed: seed of the initial noise (and DDPM's per-step noise); ``None`` uses the global RNG.
+        round_x0: hand the solver the most probable clean mask (argmax, as ``{-1, 1}`` one-hot) instead of the soft
+            prediction, so that every later step sees a noisy *binary* mask, as in training; the returned
+            probabilities are still the last step's soft prediction. Needs ``prediction_type="sample"``.
         schedule_args: passed to the schedule.
     """
 
@@ -62,6 +65,7 @@ class DiffusionSampler:
         schedule: str = "linear_beta",
         prediction_type: str = "sample",
         seed: int | None = 0,
+        round_x0: bool = False,
         **schedule_args,
     ) -> None:
         if sampler not in SAMPLERS:
@@ -83,6 +87,9 @@ class DiffusionSampler:
         self.fusion = fusion
         self.uncertainty = uncertainty
         self.seed = seed
+        if round_x0 and prediction_type != "sample":
+            raise ValueError("round_x0 needs an x0-predicting network (prediction_type='sample').")
+        self.round_x0 = bool(round_x0)
         self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.scheduler.set_timesteps(steps)
 
@@ -115,11 +122,16 @@ class DiffusionSampler:
         self.scheduler.set_timesteps(self.steps)  # resets multistep state
         x0 = x
         for step, t in enumerate(self.scheduler.timesteps.tolist()):
-            eps = network.denoise(x, torch.full((b * n,), t, device=image.device, dtype=torch.long), cond)
+            out = network.denoise(x, torch.full((b * n,), t, device=image.device, dtype=torch.long), cond)
+            soft = out
+            if self.round_x0:
+                out = round_x0(out, network.num_classes)
             if self.sampler == "ddpm":
-                x, x0 = self.scheduler.step(eps, t, x, generator=generator)
+                x, x0 = self.scheduler.step(out, t, x, generator=generator)
             else:
-                x, x0 = self.scheduler.step(eps, t, x)
+                x, x0 = self.scheduler.step(out, t, x)
+            if self.round_x0:
+                x0 = soft.clamp(-1.0, 1.0)
             if callback is not None:
                 callback(step, t, x0)
         # the last step's predicted x0 is the sample (DDPM's and DPM-Solver++'s last step return it as x too;

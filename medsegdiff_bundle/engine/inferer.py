@@ -61,6 +61,8 @@ class DiffusionSegInferer(Inferer):
             seconds to minutes longer.
         compile_backend: the ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler)
             or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
+        round_x0: let each solver step continue from the most probable clean mask rather than the soft prediction
+            (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); x0-prediction models only.
 
     ``__call__(inputs (B, C_in, *S), network) -> (B, K[+1], *S)``; the last call's uncertainty is also kept in
     ``self.last_uncertainty`` ``(B, 1, *S)``.
@@ -86,10 +88,12 @@ class DiffusionSegInferer(Inferer):
         channels_last: bool = False,
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
+        round_x0: bool = False,
     ) -> None:
         super().__init__()
         self.sampler = DiffusionSampler(
-            sampler, steps, ensemble, fusion, uncertainty, num_train_timesteps, schedule, prediction_type, seed
+            sampler, steps, ensemble, fusion, uncertainty, num_train_timesteps, schedule, prediction_type, seed,
+            round_x0=as_bool(round_x0, "round_x0"),
         )
         self.roi_size = roi_size
         self.sw_batch_size = sw_batch_size
