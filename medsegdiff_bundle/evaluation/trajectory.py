@@ -41,8 +41,10 @@ def denoising_trajectory(
         raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in batch or spatial size.")
     b, n = image.shape[0], sampler.ensemble
 
+    reference = label.cpu()  # scored on the host once per step; move the reference there once
+
     def score(probs: torch.Tensor) -> float:
-        return float(dice_scores(probs_to_label(probs).cpu(), label.cpu(), num_classes).mean())
+        return float(dice_scores(probs_to_label(probs).cpu(), reference, num_classes).mean())
 
     rows: list[dict] = []
 

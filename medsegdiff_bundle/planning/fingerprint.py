@@ -42,7 +42,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm.auto import tqdm
 
 from ..data.datalist import case_name, load_datalist, validate_cases
-from ..utils import atomic_open, read_json_object
+from ..utils import atomic_open, read_json_object, write_json_atomic
 
 __all__ = ["FINGERPRINT_VERSION", "extract_fingerprint", "save_fingerprint", "load_fingerprint"]
 
@@ -249,12 +249,7 @@ def _declared_labels(labels: Any) -> set[int] | None:
 def _read_dataset_json(path: Path | None) -> tuple[list[str] | None, set[int] | None]:
     if path is None:
         return None, None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}.")
+    meta = read_json_object(path, "dataset.json")
     channels = meta.get("channel_names") or meta.get("modality")
     try:
         modality = _ordered_by_index(channels) if isinstance(channels, dict) and channels else None
@@ -447,11 +442,6 @@ def extract_fingerprint(
 # ------------------------------------------------------------------------------------------------------------ I/O
 
 
-def _atomic_write(path: Path, write) -> None:
-    with atomic_open(path, newline="") as f:
-        write(f)
-
-
 def _cases_table(fp: dict) -> pd.DataFrame:
     rows = []
     labels = fp.get("labels", [])
@@ -477,9 +467,10 @@ def save_fingerprint(fp: dict, output_dir: str | Path) -> Path:
     never sees a half-written file). Returns the JSON's path."""
     out = Path(output_dir)
     table = _cases_table(fp)
-    _atomic_write(out / CASES_FILE, lambda f: table.to_csv(f, index=False))
+    with atomic_open(out / CASES_FILE, newline="") as f:
+        table.to_csv(f, index=False)
     # allow_nan: a channel without samples has NaN statistics, which Python's json reads back
-    _atomic_write(out / FINGERPRINT_FILE, lambda f: f.write(json.dumps(fp, indent=2) + "\n"))
+    write_json_atomic(out / FINGERPRINT_FILE, fp)
     return out / FINGERPRINT_FILE
 
 
