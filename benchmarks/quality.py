@@ -235,32 +235,63 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
     return summarize(metrics)
 
 
-def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, variant: dict, device) -> dict:
-    """Dice of the predicted mask after every sampler step on the first ``--trajectory`` test cases, at the
-    training size, next to the anchor's Dice (written to ``<root>/eval/trajectory.csv|png``)."""
+def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, variant: dict, device):
+    """The trained MedSegDiff-V2 (EMA weights, eval mode) and ``ids`` pre-processed at the training size, as one
+    batch: ``(network, image (B, 3, size, size), label (B, 1, size, size))``."""
     import torch
     from monai.data import DataLoader, Dataset
 
     from medsegdiff_bundle.data.transforms import build_preprocessing
-    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
-    from medsegdiff_bundle.evaluation import denoising_trajectory, save_trajectory_plot
     from medsegdiff_bundle.networks import MedSegDiffV2
 
-    cases = [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")}
-             for c in test_ids[: args.trajectory]]
+    cases = [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")} for c in ids]
     transform = build_preprocessing(2, "validate", [args.size] * 2, 2, label_threshold=LABEL_THRESHOLD)
     batch = next(iter(DataLoader(Dataset(cases, transform), batch_size=len(cases))))
     network = MedSegDiffV2(2, 3, 2, args.channels, **variant)
     network.load_state_dict(torch.load(final_ema_weights(root), map_location="cpu", weights_only=True))
     network.to(device).eval()
-    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
     image, label = (torch.as_tensor(batch[k]).to(device) for k in ("image", "label"))
+    return network, image, label
+
+
+def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, variant: dict, device) -> dict:
+    """Dice of the predicted mask after every sampler step on the first ``--trajectory`` test cases, at the
+    training size, next to the anchor's Dice (written to ``<root>/eval/trajectory.csv|png``)."""
+    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
+    from medsegdiff_bundle.evaluation import denoising_trajectory, save_trajectory_plot
+
+    network, image, label = trained_network_and_cases(root, data, test_ids[: args.trajectory], args, variant, device)
+    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
     table, summary = denoising_trajectory(network, sampler, image, label)
     out_dir = root / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trajectory.csv", index=False)
     save_trajectory_plot(out_dir / "trajectory.png", table, summary)
-    return {"cases": len(cases), "size": args.size, **summary, "dice_per_step": [round(float(d), 4) for d in table["dice"]]}
+    return {"cases": len(image), "size": args.size, **summary, "dice_per_step": [round(float(d), 4) for d in table["dice"]]}
+
+
+def select_anchor_weight(root: Path, data: Path, val_ids: list[str], args, variant: dict, device) -> dict:
+    """Choose ``anchor_weight`` on the validation fold (never on test): one sampling run at the training size, every
+    blend of :data:`DEFAULT_ANCHOR_WEIGHTS` scored; the table goes to ``<root>/eval/anchor_weight_sweep.csv``.
+    Resumable: a finished sweep is read back."""
+    import pandas as pd
+
+    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
+    from medsegdiff_bundle.evaluation import anchor_weight_sweep
+
+    csv = root / "eval" / "anchor_weight_sweep.csv"
+    if csv.is_file():
+        table = pd.read_csv(csv)
+        best = float(table.loc[table["dice"].idxmax(), "anchor_weight"])
+    else:
+        network, image, label = trained_network_and_cases(root, data, val_ids, args, variant, device)
+        sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
+        table, best = anchor_weight_sweep(network, sampler, image, label)
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv, index=False)
+    return {"selected_on": f"validation fold ({len(val_ids)} cases, at {args.size}x{args.size})",
+            "anchor_weight": best, "validation_dice": {str(w): round(float(d), 4)
+                                                       for w, d in zip(table["anchor_weight"], table["dice"])}}
 
 
 # ----------------------------------------------------------------------------------------------------- DynUNet
@@ -386,6 +417,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", type=int, default=5, help="ensemble members per image")
     p.add_argument("--round-x0", action="store_true",
                    help="sampler steps continue from the most probable clean mask (DiffusionSampler round_x0)")
+    p.add_argument("--anchor-weight", default="0",
+                   help="weight in [0, 1] of the condition model's segmentation blended into the MedSegDiff ensemble "
+                        "(DiffusionSampler anchor_weight), or 'select' to choose it on the validation fold")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--timestep-power", type=float, default=None,
@@ -404,6 +438,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test: 12 train + 4 test cases, 64^2, tiny widths, 0.05 min, steps 2, ensemble 2")
     args = p.parse_args(argv)
+    if args.anchor_weight != "select":
+        try:
+            weight = float(args.anchor_weight)
+        except ValueError:
+            weight = -1.0
+        if not 0.0 <= weight <= 1.0:
+            p.error(f"--anchor-weight must be a number in [0, 1] or 'select', got {args.anchor_weight!r}")
     if args.smoke:
         args.minutes, args.size, args.channels, args.steps, args.ensemble = 0.05, 64, [8, 16, 32], 2, 2
         args.batch_size, args.num_workers, args.val_interval, args.baseline_filters = 4, 0, 1, [8, 32]
@@ -461,6 +502,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "ensemble": args.ensemble,
         "round_x0": bool(args.round_x0),
+        "anchor_weight": None if args.anchor_weight == "select" else float(args.anchor_weight),
         "settings": {k: v for k, v in vars(args).items()},
     }
 
@@ -468,10 +510,21 @@ def main(argv=None) -> int:
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
     msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
-    rounded = "_round_x0" if args.round_x0 else ""  # a separate, resumable evaluation per sampler setting
-    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra, f"evaluation{rounded}")
+    if args.anchor_weight == "select":
+        result["anchor_weight_selection"] = select_anchor_weight(msd_root, data, val_ids, args, main_variant, device)
+        result["anchor_weight"] = result["anchor_weight_selection"]["anchor_weight"]
+    eval_extra["anchor_weight"] = result["anchor_weight"]
+    # a separate, resumable evaluation per sampler setting
+    rounded = "_round_x0" if args.round_x0 else ""
+    blended = f"_anchor{result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
+    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
+                              f"evaluation{rounded}{blended}")
     result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
                    "train_minutes_medsegdiff": msd_minutes, "medsegdiff": msd})
+    if blended:  # the diffusion ensemble alone beside the blend, for the record
+        alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
+                                    f"evaluation{rounded}")
+        result["ensemble_only"] = {k: alone[k] for k in ("dice", "iou", "hd95", "cases")}
 
     # (b) DynUNet baseline
     topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
@@ -495,7 +548,9 @@ def main(argv=None) -> int:
         n = max(1, args.ddpm_cases)
         sub_dl = out / f"datalist_test_first{n}.json"
         write_json(sub_dl, {"training": json.loads(test_dl.read_text(encoding="utf-8"))["training"][:n]})
-        fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, eval_extra, f"fast_first{n}{rounded}")
+        # the samplers alone, without the anchor blend
+        fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
+                                   f"fast_first{n}{rounded}")
         ddpm_t = time.monotonic()
         ddpm = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant},
                                    {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble}, f"ddpm_first{n}")
@@ -519,7 +574,8 @@ def main(argv=None) -> int:
             else:
                 root = out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
                 minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
-                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra, f"evaluation{rounded}")
+                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
+                                          f"evaluation{rounded}{blended}")
             result["ablations"][v] = {**settings, "dice": res["dice"], "iou": res["iou"], "hd95": res["hd95"],
                                       "train_minutes": minutes}
 
@@ -538,12 +594,20 @@ def main(argv=None) -> int:
 
     print()
     print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget {args.minutes} min")
-    print(f"{'model':<34}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
-    print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble})':<34}{fmt(msd['dice']):>8}"
+    print(f"{'model':<44}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
+    blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
+    print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble}{blend})':<44}{fmt(msd['dice']):>8}"
           f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
     if "dice_baseline" in result:
-        print(f"{'DynUNet (nnU-Net-like)':<34}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
+        print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
+    if "ensemble_only" in result:
+        e = result["ensemble_only"]
+        print(f"{'  the ensemble alone (no anchor)':<44}{fmt(e['dice']):>8}{fmt(e['iou']):>8}{fmt(e['hd95']):>10}")
+    if "anchor_weight_selection" in result:
+        sel = result["anchor_weight_selection"]
+        print(f"anchor_weight {sel['anchor_weight']:g} selected on the {sel['selected_on']}: Dice by weight "
+              f"{sel['validation_dice']}")
     if "ddpm" in result:
         d = result["ddpm"]
         print(f"first {d['cases']} test cases: Dice DDPM-1000 {fmt(d['dice_ddpm1000'])} vs "
@@ -553,7 +617,7 @@ def main(argv=None) -> int:
         print(f"first {tr['cases']} test cases at {tr['size']}²: anchor Dice {fmt(tr['anchor_dice'])}, predicted x0 after "
               f"step 1 {fmt(tr['first_step_dice'])}, best step {fmt(tr['best_step_dice'])}, final {fmt(tr['final_dice'])}")
     for v, r in result.get("ablations", {}).items():
-        print(f"{f'ablation {v}':<34}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
+        print(f"{f'ablation {v}':<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
               f"{r['train_minutes']:>11.2f}")
     print(f"results: {out_json}")
     return 0

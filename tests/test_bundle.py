@@ -74,6 +74,15 @@ def test_evaluation_writes_per_case_metrics_and_summary(trained_2d):
     assert "±" in (out / "metrics_summary.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("config", ["inference", "evaluate"])
+def test_sampler_options_reach_the_inferer(trained_2d, config):
+    wf = workflow(config, "infer", trained_2d, **INFER_2D, sampler="ddim", round_x0=True, anchor_weight=0.3)
+    sampler = wf.inferer.sampler
+    assert (sampler.sampler, sampler.steps, sampler.ensemble) == ("ddim", 2, 2)
+    assert sampler.round_x0 is True and sampler.anchor_weight == 0.3
+    assert workflow(config, "infer", trained_2d, **INFER_2D).inferer.sampler.anchor_weight == 0.0
+
+
 def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_path):
     good = sorted((trained_2d / "data" / "images").glob("*.png"))[:2]
     folder = tmp_path / "in"

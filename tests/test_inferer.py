@@ -25,6 +25,17 @@ def test_is_a_monai_inferer_and_returns_class_probabilities(model):
     assert inferer.last_uncertainty.shape == (2, 1, 32, 32)
 
 
+def test_anchor_weight_one_returns_the_condition_models_segmentation(model):
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        anchor_fg = model.condition(image).anchor  # binary: sigmoid of the one anchor channel
+    probs = DiffusionSegInferer(steps=2, ensemble=2, anchor_weight="1.0")(image, model)
+    assert torch.allclose(probs[:, 1:], anchor_fg, atol=1e-5)
+    plain = DiffusionSegInferer(steps=2, ensemble=2)(image, model)
+    half = DiffusionSegInferer(steps=2, ensemble=2, anchor_weight=0.5)(image, model)
+    assert torch.allclose(half, (plain + probs) / 2, atol=1e-5)
+
+
 def test_sizes_the_network_cannot_divide_are_padded_and_cropped_back(model):
     probs = DiffusionSegInferer(steps=2, ensemble=1)(torch.randn(1, 3, 30, 35), model)
     assert probs.shape == (1, 2, 30, 35)

@@ -473,7 +473,9 @@ label_file, result = task({"image": str(image), "device": "cpu"})
 print(json.dumps({"valid_before": before, "valid_after": task.is_valid(), "labels": task.labels,
                   "label_shape": list(np.array(Image.open(label_file)).shape),
                   "values": sorted(int(v) for v in np.unique(np.array(Image.open(label_file)))),
-                  "image_shape": list(np.array(Image.open(image)).shape), "uncertainty": result["uncertainty"]}))
+                  "image_shape": list(np.array(Image.open(image)).shape), "uncertainty": result["uncertainty"],
+                  "request_anchor_weight": task.inferer({"anchor_weight": "0.25"}).sampler.anchor_weight,
+                  "default_anchor_weight": task.inferer({}).sampler.anchor_weight}))
 """
 
 
@@ -493,6 +495,8 @@ def test_infer_task_2d_png_and_missing_weights(tmp_path):
     assert out["label_shape"] == out["image_shape"][:2] == [48, 40]
     assert set(out["values"]) <= {0, 1, 2}
     assert Path(out["uncertainty"]["file"]).is_file()
+    # the anchor blend is a per-request parameter, off unless asked for
+    assert out["request_anchor_weight"] == 0.25 and out["default_anchor_weight"] == 0.0
 
 
 def test_server_stops_leaving_no_process(label_server):

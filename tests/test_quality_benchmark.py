@@ -92,3 +92,31 @@ def test_quality_benchmark_smoke(tmp_path):
     assert traj["best_step_dice"] == pytest.approx(max(traj["dice_per_step"]), abs=1e-4)
     assert (tmp_path / "medsegdiff" / "eval" / "trajectory.png").is_file()
     print(f"smoke run: {elapsed:.1f} s")
+
+    # a third rerun selects the anchor blend on the validation fold and evaluates the test cases with it
+    proc3 = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--anchor-weight", "select",
+         "--skip-baseline"],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    assert proc3.returncode == 0, proc3.stdout[-4000:] + proc3.stderr[-4000:]
+    res3 = json.loads(results[0].read_text(encoding="utf-8"))
+    sel = res3["anchor_weight_selection"]
+    assert set(sel["validation_dice"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    best = max(sel["validation_dice"].values())
+    assert sel["anchor_weight"] == min(float(w) for w, d in sel["validation_dice"].items() if d == best)
+    assert res3["anchor_weight"] == sel["anchor_weight"] and "validation fold (2 cases" in sel["selected_on"]
+    assert (tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep.csv").is_file()
+    if sel["anchor_weight"] > 0:
+        assert (tmp_path / "medsegdiff" / "eval" / f"evaluation_anchor{sel['anchor_weight']:g}" / "metrics.csv").is_file()
+        # the unblended evaluation is kept beside it (found done, not rerun)
+        assert res3["ensemble_only"]["dice"] == res["dice_medsegdiff"]
+    else:
+        assert res3["dice_medsegdiff"] == res["dice_medsegdiff"] and "ensemble_only" not in res3
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
+def test_anchor_weight_argument_is_checked(value, capsys):
+    with pytest.raises(SystemExit):
+        _load_script().parse_args(["--anchor-weight", value])
+    assert "--anchor-weight must be a number in [0, 1] or 'select'" in capsys.readouterr().err

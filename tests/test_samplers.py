@@ -200,3 +200,23 @@ def test_round_x0_feeds_the_solver_a_binary_mask_and_returns_the_soft_prediction
 def test_round_x0_needs_x0_prediction():
     with pytest.raises(ValueError, match="round_x0 needs an x0-predicting network"):
         DiffusionSampler("ddim", 4, prediction_type="epsilon", round_x0=True)
+
+
+@pytest.mark.parametrize("weight,expected", [(0.0, 0.6), (0.25, 0.575), (1.0, 0.5)])
+def test_anchor_weight_blends_the_condition_models_segmentation_into_the_result(weight, expected):
+    # members predict p = (0.2 + 1) / 2 = 0.6 everywhere; the condition model's anchor is sigmoid(0) = 0.5
+    net = ConstantX0Network(0.2)
+    image = torch.rand(2, 3, 8, 8)
+    plain = DiffusionSampler("dpmpp", 3, ensemble=2, seed=7)(net, image)
+    result = DiffusionSampler("dpmpp", 3, ensemble=2, seed=7, anchor_weight=weight)(net, image)
+    assert torch.allclose(result.probs[:, 1], torch.full((2, 8, 8), expected), atol=1e-6)
+    assert torch.allclose(result.probs.sum(dim=1), torch.ones(2, 8, 8), atol=1e-6)
+    # the members and their disagreement are the diffusion ensemble's, whatever the blend
+    assert torch.equal(result.members, plain.members)
+    assert torch.equal(result.uncertainty, plain.uncertainty)
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_anchor_weight_outside_unit_interval_is_refused(weight):
+    with pytest.raises(ValueError, match=r"anchor_weight must be in \[0, 1\]"):
+        DiffusionSampler("ddim", 4, anchor_weight=weight)

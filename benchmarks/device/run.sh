@@ -124,11 +124,12 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
-    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases and
-    # the per-step trajectory
+    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases, the
+    # per-step trajectory, and the anchor blend chosen on the validation fold (pass 1's unblended result is kept in
+    # its ensemble_only entry)
     run_step quality-ddpm "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --compare-ddpm --ddpm-cases "$DDPM_CASES" \
-        --trajectory "$TRAJECTORY_CASES" --out "$OUT/quality_ddpm.json"
+        --trajectory "$TRAJECTORY_CASES" --anchor-weight select --out "$OUT/quality_ddpm.json"
 }
 
 for stage in "${STAGES[@]}"; do
@@ -171,6 +172,8 @@ for name in ("quality.json", "quality_ddpm.json"):
         r = json.loads(p.read_text())
         line = (f"  {name}: Dice MedSegDiff-V2 {r['dice_medsegdiff']:.4f} vs DynUNet {r.get('dice_baseline', float('nan')):.4f}"
                 f" (train min {r['train_minutes']})")
+        if r.get("anchor_weight"):
+            line += f"; anchor_weight {r['anchor_weight']:g}, the ensemble alone {r['ensemble_only']['dice']:.4f}"
         if "ddpm" in r:
             line += f"; first {r['ddpm']['cases']}: DDPM-1000 {r['ddpm']['dice_ddpm1000']:.4f} vs fast {r['ddpm']['dice_fast']:.4f}"
         print(line)

@@ -20,8 +20,8 @@ class SampleResult:
     """Output of :class:`DiffusionSampler`.
 
     Attributes:
-        probs: fused class probabilities ``(B, K, *S)``.
-        uncertainty: ``(B, 1, *S)`` disagreement of the members.
+        probs: fused class probabilities ``(B, K, *S)`` (blended with the anchor when ``anchor_weight > 0``).
+        uncertainty: ``(B, 1, *S)`` disagreement of the members (the anchor blend does not enter it).
         members: per-member class probabilities ``(N, B, K, *S)``.
         anchor: condition-model probabilities ``(B, K, *S)`` (the coarse anchor segmentation).
     """
@@ -51,6 +51,10 @@ class DiffusionSampler:
         round_x0: hand the solver the most probable clean mask (argmax, as ``{-1, 1}`` one-hot) instead of the soft
             prediction, so that every later step sees a noisy *binary* mask, as in training; the returned
             probabilities are still the last step's soft prediction. Needs ``prediction_type="sample"``.
+        anchor_weight: weight ``w`` in ``[0, 1]`` of the condition model's own segmentation in the result:
+            ``probs = (1 - w) * fused members + w * anchor``. ``0`` (default) returns the diffusion ensemble alone;
+            ``1`` returns the anchor (the sampling still runs, for the members and the uncertainty). The official
+            MedSegDiff code always blends its anchor into the final mask; here it is a measured choice.
         schedule_args: passed to the schedule.
     """
 
@@ -66,6 +70,7 @@ class DiffusionSampler:
         prediction_type: str = "sample",
         seed: int | None = 0,
         round_x0: bool = False,
+        anchor_weight: float = 0.0,
         **schedule_args,
     ) -> None:
         if sampler not in SAMPLERS:
@@ -90,6 +95,10 @@ class DiffusionSampler:
         if round_x0 and prediction_type != "sample":
             raise ValueError("round_x0 needs an x0-predicting network (prediction_type='sample').")
         self.round_x0 = bool(round_x0)
+        anchor_weight = float(anchor_weight)
+        if not 0.0 <= anchor_weight <= 1.0:
+            raise ValueError(f"anchor_weight must be in [0, 1], got {anchor_weight}.")
+        self.anchor_weight = anchor_weight
         self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.scheduler.set_timesteps(steps)
 
@@ -138,8 +147,11 @@ class DiffusionSampler:
         # DDIM with T % steps != 0 would otherwise stop at a small t > 0)
         probs = x0_to_probs(x0, network.num_classes)
         members = probs.reshape(b, n, *probs.shape[1:]).transpose(0, 1)
+        fused = fuse(members, self.fusion)
+        if self.anchor_weight > 0:
+            fused = torch.lerp(fused, anchor_probs.to(fused.dtype), self.anchor_weight)
         return SampleResult(
-            probs=fuse(members, self.fusion),
+            probs=fused,
             uncertainty=uncertainty(members, self.uncertainty),
             members=members,
             anchor=anchor_probs,

@@ -63,6 +63,8 @@ class DiffusionSegInferer(Inferer):
             or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
         round_x0: let each solver step continue from the most probable clean mask rather than the soft prediction
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); x0-prediction models only.
+        anchor_weight: weight in ``[0, 1]`` of the condition model's segmentation blended into the fused ensemble
+            (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); ``0`` (default) is the ensemble alone.
 
     ``__call__(inputs (B, C_in, *S), network) -> (B, K[+1], *S)``; the last call's uncertainty is also kept in
     ``self.last_uncertainty`` ``(B, 1, *S)``.
@@ -89,11 +91,12 @@ class DiffusionSegInferer(Inferer):
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
         round_x0: bool = False,
+        anchor_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.sampler = DiffusionSampler(
             sampler, steps, ensemble, fusion, uncertainty, num_train_timesteps, schedule, prediction_type, seed,
-            round_x0=as_bool(round_x0, "round_x0"),
+            round_x0=as_bool(round_x0, "round_x0"), anchor_weight=anchor_weight,
         )
         self.roi_size = roi_size
         self.sw_batch_size = sw_batch_size

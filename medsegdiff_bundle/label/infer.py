@@ -7,7 +7,7 @@ server runs exactly what ``medsegdiff infer`` runs:
 * pre-processing: the bundle's ``build_preprocessing(stage="infer")`` (load, channel first, RAS + optional
   resampling in 3D, normalisation; resize in 2D);
 * inference: ``DiffusionSegInferer(return_uncertainty=True)`` (ensemble sampling, fusion, sliding window in 3D);
-  ``sampler``, ``steps``, ``ensemble`` and ``seed`` can be changed per request (MONAI Label ``params``);
+  ``sampler``, ``steps``, ``ensemble``, ``seed`` and ``anchor_weight`` can be changed per request (MONAI Label ``params``);
 * post-processing: the bundle's ``build_postprocessing`` (split off the uncertainty channel, invert every
   pre-processing step into the input's own geometry, argmax), then:
 
@@ -189,6 +189,7 @@ class MedSegDiffInferTask(BasicInferTask):
             "steps": int(p("steps")),
             "ensemble": int(p("ensemble")),
             "seed": p("seed"),
+            "anchor_weight": float(p("anchor_weight")),
         }
         ckpt = str(p("ckpt_path"))
         super().__init__(
@@ -227,7 +228,8 @@ class MedSegDiffInferTask(BasicInferTask):
         cfg = self.parser["inferer"]
         kwargs = {k: self.parser.get_parsed_content(f"inferer#{k}") for k in cfg if k != "_target_"}
         data = data or {}
-        for key, cast in (("sampler", str), ("steps", int), ("ensemble", int), ("seed", int)):
+        for key, cast in (("sampler", str), ("steps", int), ("ensemble", int), ("seed", int),
+                           ("anchor_weight", float)):
             value = _first(data.get(key))
             if value is not None and value != "":
                 kwargs[key] = cast(value)
