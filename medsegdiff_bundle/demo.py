@@ -6,7 +6,7 @@ Outputs in ``output_dir``:
 
 * ``data/`` the generated images, labels and ``datalist.json``
 * ``models/`` checkpoints (model, EMA, optimizer, scheduler, trainer state) and ``model.pt`` (best EMA weights)
-* ``eval/training_log.csv``, ``eval/validation_log.csv``, ``eval/training_curves.png``
+* ``eval/training_log.csv``, ``eval/validation_log.csv`` (sampled and anchor Dice), ``eval/training_curves.png``
 * ``eval/evaluation/<case>_seg``, ``<case>_uncertainty`` (PNG in 2D, NIfTI in 3D), ``<case>_overlay.png``,
   ``metrics.csv`` (per case and class), ``metrics_summary.md``, ``failed_cases.csv``
 * ``summary.json``

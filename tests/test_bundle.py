@@ -45,7 +45,10 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     log = pd.read_csv(trained_2d / "eval" / "training_log.csv")
     assert {"loss", "diffusion_loss", "anchor_loss"} <= set(log.columns)
     assert (trained_2d / "eval" / "training_curves.png").is_file()
-    assert "val_mean_dice" in pd.read_csv(trained_2d / "eval" / "validation_log.csv").columns
+    # the sampled result's Dice and the condition model's own (anchor) Dice, per validation run
+    val_log = pd.read_csv(trained_2d / "eval" / "validation_log.csv")
+    assert {"val_mean_dice", "val_anchor_dice"} <= set(val_log.columns) and len(val_log) == 2
+    assert val_log[["val_mean_dice", "val_anchor_dice"]].stack().between(0, 1).all()
 
 
 def test_inference_writes_maps_in_the_input_geometry(trained_2d):

@@ -36,6 +36,21 @@ def test_anchor_weight_one_returns_the_condition_models_segmentation(model):
     assert torch.allclose(half, (plain + probs) / 2, atol=1e-5)
 
 
+def test_return_anchor_appends_the_condition_models_probabilities_before_the_uncertainty(model):
+    image = torch.randn(1, 3, 30, 35)  # padded and cropped back, the anchor too
+    with torch.no_grad():
+        anchor_fg = model.condition(torch.nn.functional.pad(image, (0, 1, 1, 1), mode="replicate")).anchor
+    plain = DiffusionSegInferer(steps=2, ensemble=2)
+    both = DiffusionSegInferer(steps=2, ensemble=2, return_anchor=True, return_uncertainty=True)
+    probs, out = plain(image, model), both(image, model)
+    assert out.shape == (1, 5, 30, 35)
+    assert torch.allclose(out[:, :2], probs, atol=1e-6)
+    assert torch.allclose(out[:, 3:4], anchor_fg[..., 1:-1, :-1], atol=1e-5)
+    assert torch.allclose(out[:, 2:4].sum(1), torch.ones(1, 30, 35), atol=1e-5)
+    assert torch.equal(out[:, 2:4], both.last_anchor) and torch.equal(out[:, 4:], both.last_uncertainty)
+    assert DiffusionSegInferer(steps=2, ensemble=2, return_anchor=True)(image, model).shape == (1, 4, 30, 35)
+
+
 def test_sizes_the_network_cannot_divide_are_padded_and_cropped_back(model):
     probs = DiffusionSegInferer(steps=2, ensemble=1)(torch.randn(1, 3, 30, 35), model)
     assert probs.shape == (1, 2, 30, 35)

@@ -6,7 +6,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medsegdiff_bundle.data.transforms import PrepareLabeld, SplitUncertaintyd, build_preprocessing
+from medsegdiff_bundle.data.transforms import (
+    PrepareLabeld,
+    SplitTrailingChannelsd,
+    SplitUncertaintyd,
+    build_preprocessing,
+)
 
 
 def _label(values, name="/data/case_7_mask.png"):
@@ -41,6 +46,17 @@ def test_split_uncertainty_moves_the_last_channel():
     pred = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 2, 2)
     out = SplitUncertaintyd("pred")({"pred": pred})
     assert torch.equal(out["uncertainty"], pred[2:]) and torch.equal(out["pred"], pred[:2])
+
+
+def test_trailing_channels_peel_off_from_the_end():
+    # the inferer's layout with return_anchor and return_uncertainty: K probabilities, K anchor, 1 uncertainty
+    pred = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 2, 2)
+    out = SplitUncertaintyd("pred")({"pred": pred})
+    out = SplitTrailingChannelsd("pred", "anchor", 2)(out)
+    assert torch.equal(out["uncertainty"], pred[4:]) and torch.equal(out["anchor"], pred[2:4])
+    assert torch.equal(out["pred"], pred[:2])
+    with pytest.raises(ValueError, match="pred has 2 channels; cannot split off the last 2 as 'anchor'"):
+        SplitTrailingChannelsd("pred", "anchor", 2)({"pred": pred[:2]})
 
 
 @pytest.mark.parametrize("kwargs,match", [({"stage": "test"}, "stage must be"),

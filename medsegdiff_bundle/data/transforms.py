@@ -47,6 +47,7 @@ from .datalist import strip_image_extension
 __all__ = [
     "NORMALIZATIONS",
     "PrepareLabeld",
+    "SplitTrailingChannelsd",
     "SplitUncertaintyd",
     "MarkSingleChannelMapd",
     "SaveOverlayd",
@@ -130,20 +131,39 @@ class PrepareLabeld(MapTransform):
         return d
 
 
-class SplitUncertaintyd(MapTransform):
-    """Move the last channel of ``keys`` (the inferer's uncertainty, see ``DiffusionSegInferer``) to its own key."""
+class SplitTrailingChannelsd(MapTransform):
+    """Move the last ``num_channels`` channels of ``keys`` to ``output_key`` (channel-first, unbatched).
 
-    def __init__(self, keys: KeysCollection, uncertainty_key: str = "uncertainty") -> None:
+    ``DiffusionSegInferer`` appends optional outputs after the class probabilities (see its ``return_anchor`` and
+    ``return_uncertainty``); post-processing peels them off from the end, last one first.
+    """
+
+    def __init__(self, keys: KeysCollection, output_key: str, num_channels: int = 1) -> None:
         super().__init__(keys)
-        self.uncertainty_key = uncertainty_key
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}.")
+        self.output_key = output_key
+        self.num_channels = int(num_channels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        n = self.num_channels
         for key in self.key_iterator(d):
             pred = d[key]
-            d[self.uncertainty_key] = pred[-1:].clone()
-            d[key] = pred[:-1]
+            if pred.shape[0] <= n:
+                raise ValueError(
+                    f"{key} has {pred.shape[0]} channels; cannot split off the last {n} as {self.output_key!r}."
+                )
+            d[self.output_key] = pred[-n:].clone()
+            d[key] = pred[:-n]
         return d
+
+
+class SplitUncertaintyd(SplitTrailingChannelsd):
+    """Move the last channel of ``keys`` (the inferer's uncertainty, see ``DiffusionSegInferer``) to its own key."""
+
+    def __init__(self, keys: KeysCollection, uncertainty_key: str = "uncertainty") -> None:
+        super().__init__(keys, uncertainty_key, 1)
 
 
 class MarkSingleChannelMapd(MapTransform):

@@ -33,8 +33,9 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> 
 
 
 class TrainingCurvesHandler:
-    """Record the training losses per iteration and the validation metric per epoch; write
-    ``training_log.csv``, ``validation_log.csv`` and ``training_curves.png`` in ``output_dir`` after every epoch.
+    """Record the training losses per iteration and the validation metrics per epoch; write
+    ``training_log.csv``, ``validation_log.csv`` and ``training_curves.png`` (losses; validation metrics in a second
+    panel) in ``output_dir`` after every epoch.
 
     Args:
         output_dir: where the files go.
@@ -82,9 +83,12 @@ class TrainingCurvesHandler:
         log.to_csv(self.output_dir / "training_log.csv", index=False)
         history = {"iteration": log["iteration"].tolist()}
         history.update({k: log[k].tolist() for k in self.loss_keys if k in log})
-        save_training_curves(self.output_dir / "training_curves.png", history)
+        validation = None
         if self.val_rows:
-            pd.DataFrame(self.val_rows).to_csv(self.output_dir / "validation_log.csv", index=False)
+            val_log = pd.DataFrame(self.val_rows)
+            val_log.to_csv(self.output_dir / "validation_log.csv", index=False)
+            validation = {k: val_log[k].tolist() for k in val_log.columns}
+        save_training_curves(self.output_dir / "training_curves.png", history, validation=validation)
 
 
 class MetricsTableHandler:

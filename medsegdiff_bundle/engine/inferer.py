@@ -49,6 +49,9 @@ class DiffusionSegInferer(Inferer):
         return_uncertainty: append the uncertainty map as one extra last channel (``K + 1`` channels); split it
             off with :class:`medsegdiff_bundle.data.transforms.SplitUncertaintyd`. Off by default so that callers
             expecting plain probabilities (MONAI Label) get them.
+        return_anchor: append the condition model's class probabilities (the anchor, ``K`` channels) after the
+            fused probabilities and before the uncertainty, e.g. for validating the anchor beside the sampled result
+            (split them off with :class:`medsegdiff_bundle.data.transforms.SplitTrailingChannelsd`).
         amp: run the network under bf16 autocast (CUDA); FFTs stay in fp32.
         channels_last: run in the channels-last layout (``torch.channels_last`` in 2D, ``channels_last_3d`` in 3D).
             The network's convolution weights are converted in place the first time it is seen (values and
@@ -66,8 +69,9 @@ class DiffusionSegInferer(Inferer):
         anchor_weight: weight in ``[0, 1]`` of the condition model's segmentation blended into the fused ensemble
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); ``0`` (default) is the ensemble alone.
 
-    ``__call__(inputs (B, C_in, *S), network) -> (B, K[+1], *S)``; the last call's uncertainty is also kept in
-    ``self.last_uncertainty`` ``(B, 1, *S)``.
+    ``__call__(inputs (B, C_in, *S), network) -> (B, K [+ K anchor] [+ 1 uncertainty], *S)``; the last call's
+    uncertainty and anchor are also kept in ``self.last_uncertainty`` ``(B, 1, *S)`` and ``self.last_anchor``
+    ``(B, K, *S)``.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class DiffusionSegInferer(Inferer):
         overlap: float = 0.25,
         mode: str = "gaussian",
         return_uncertainty: bool = False,
+        return_anchor: bool = False,
         amp: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -110,7 +115,9 @@ class DiffusionSegInferer(Inferer):
         self._channels_last_done: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._compiled: Callable | None = None  # view factory, built on first use (compiling is lazy anyway)
         self.return_uncertainty = as_bool(return_uncertainty, "return_uncertainty")
+        self.return_anchor = as_bool(return_anchor, "return_anchor")
         self.last_uncertainty: torch.Tensor | None = None
+        self.last_anchor: torch.Tensor | None = None
 
     def _prepare(self, net: torch.nn.Module) -> Any:
         """The network as the sampler should see it: channels-last once, the compiled denoiser when asked for."""
@@ -124,7 +131,8 @@ class DiffusionSegInferer(Inferer):
         return self._compiled(net)
 
     def _sample(self, network: Any, inputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities and uncertainty for a batch that fits the network: ``(B, K + 1, *S)``."""
+        """Probabilities, anchor and uncertainty for a batch that fits the network: ``(B, 2K + 1, *S)`` (one tensor,
+        so that sliding windows blend all three alike)."""
         divisor = network.divisor
         spatial = inputs.shape[2:]
         pad = []
@@ -141,7 +149,7 @@ class DiffusionSegInferer(Inferer):
             x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             result = self.sampler(network, x)
-        out = torch.cat([result.probs, result.uncertainty], dim=1).float()
+        out = torch.cat([result.probs, result.anchor.to(result.probs.dtype), result.uncertainty], dim=1).float()
         if any(pad):
             crop = [slice(None), slice(None)]
             for dim, size in enumerate(spatial):
@@ -175,5 +183,8 @@ class DiffusionSegInferer(Inferer):
                 out = self._sample(sampled, inputs)
         finally:
             net.train(was_training)
-        self.last_uncertainty = out[:, -1:]
-        return out if self.return_uncertainty else out[:, :-1]
+        k = (out.shape[1] - 1) // 2
+        self.last_uncertainty, self.last_anchor = out[:, -1:], out[:, k:-1]
+        keep = [out[:, :k]] + ([self.last_anchor] if self.return_anchor else [])
+        keep += [self.last_uncertainty] if self.return_uncertainty else []
+        return keep[0] if len(keep) == 1 else torch.cat(keep, dim=1)

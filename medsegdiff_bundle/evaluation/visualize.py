@@ -90,10 +90,19 @@ def save_overlay(
     return _save(fig, path)
 
 
-def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]], x_key: str = "iteration") -> Path:
-    """Plot every series in ``history`` (except ``x_key``) against ``x_key`` on a log y-axis."""
+def save_training_curves(
+    path: str | Path,
+    history: Mapping[str, Sequence[float]],
+    x_key: str = "iteration",
+    validation: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
+    """Plot every series in ``history`` (except ``x_key``) against ``x_key`` on a log y-axis; with ``validation``
+    (``{"epoch": [...], metric: [...], ...}``), its metrics go to a second panel against the epoch, on a linear
+    axis (e.g. the sampled result's Dice beside the anchor's)."""
+    panels = 2 if validation and len(validation.get("epoch", [])) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), squeeze=False)
+    ax = axes[0, 0]
     x = history[x_key]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, values in history.items():
         if key != x_key:
             ax.plot(x, values, label=key, linewidth=1)
@@ -101,6 +110,16 @@ def save_training_curves(path: str | Path, history: Mapping[str, Sequence[float]
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
+    if panels == 2:
+        ax = axes[0, 1]
+        for key, values in validation.items():
+            if key != "epoch":
+                ax.plot(validation["epoch"], values, marker="o", markersize=3, linewidth=1, label=key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title("validation")
+        ax.legend()
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
