@@ -48,6 +48,7 @@ def test_return_anchor_appends_the_condition_models_probabilities_before_the_unc
     assert torch.allclose(out[:, 3:4], anchor_fg[..., 1:-1, :-1], atol=1e-5)
     assert torch.allclose(out[:, 2:4].sum(1), torch.ones(1, 30, 35), atol=1e-5)
     assert torch.equal(out[:, 2:4], both.last_anchor) and torch.equal(out[:, 4:], both.last_uncertainty)
+    assert plain.last_anchor is None  # not carried through sliding windows unless asked for
     assert DiffusionSegInferer(steps=2, ensemble=2, return_anchor=True)(image, model).shape == (1, 4, 30, 35)
 
 

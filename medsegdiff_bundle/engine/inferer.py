@@ -70,8 +70,8 @@ class DiffusionSegInferer(Inferer):
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); ``0`` (default) is the ensemble alone.
 
     ``__call__(inputs (B, C_in, *S), network) -> (B, K [+ K anchor] [+ 1 uncertainty], *S)``; the last call's
-    uncertainty and anchor are also kept in ``self.last_uncertainty`` ``(B, 1, *S)`` and ``self.last_anchor``
-    ``(B, K, *S)``.
+    uncertainty is also kept in ``self.last_uncertainty`` ``(B, 1, *S)``, and with ``return_anchor`` the anchor in
+    ``self.last_anchor`` ``(B, K, *S)``.
     """
 
     def __init__(
@@ -131,8 +131,8 @@ class DiffusionSegInferer(Inferer):
         return self._compiled(net)
 
     def _sample(self, network: Any, inputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities, anchor and uncertainty for a batch that fits the network: ``(B, 2K + 1, *S)`` (one tensor,
-        so that sliding windows blend all three alike)."""
+        """Probabilities, the anchor if asked for, and uncertainty for a batch that fits the network:
+        ``(B, K [+ K] + 1, *S)`` (one tensor, so that sliding windows blend them alike)."""
         divisor = network.divisor
         spatial = inputs.shape[2:]
         pad = []
@@ -149,7 +149,8 @@ class DiffusionSegInferer(Inferer):
             x = x.contiguous(memory_format=channels_last_format(x.ndim - 2))
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             result = self.sampler(network, x)
-        out = torch.cat([result.probs, result.anchor.to(result.probs.dtype), result.uncertainty], dim=1).float()
+        parts = [result.probs] + ([result.anchor.to(result.probs.dtype)] if self.return_anchor else [])
+        out = torch.cat(parts + [result.uncertainty], dim=1).float()
         if any(pad):
             crop = [slice(None), slice(None)]
             for dim, size in enumerate(spatial):
@@ -183,8 +184,7 @@ class DiffusionSegInferer(Inferer):
                 out = self._sample(sampled, inputs)
         finally:
             net.train(was_training)
-        k = (out.shape[1] - 1) // 2
-        self.last_uncertainty, self.last_anchor = out[:, -1:], out[:, k:-1]
-        keep = [out[:, :k]] + ([self.last_anchor] if self.return_anchor else [])
-        keep += [self.last_uncertainty] if self.return_uncertainty else []
-        return keep[0] if len(keep) == 1 else torch.cat(keep, dim=1)
+        k = net.num_classes
+        self.last_uncertainty = out[:, -1:]
+        self.last_anchor = out[:, k:-1] if self.return_anchor else None
+        return out if self.return_uncertainty else out[:, :-1]
