@@ -362,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default benchmarks/results/speed_<device>_<date>.json)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size (see PRESETS)")
+    p.add_argument("--condition-channels", type=int, nargs="+", default=None,
+                   help="condition-UNet widths, as many levels as the preset's (default: the preset's widths)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--size", type=int, default=None, help="spatial size per axis (default 256 in 2D, 96 in 3D)")
@@ -416,9 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
     date = now.strftime("%Y-%m-%d")
 
     preset = PRESETS[args.preset]
-    network = MedSegDiffV2(
-        spatial_dims=args.spatial_dims, in_channels=args.in_channels, num_classes=args.num_classes, **preset
-    ).to(device)
+    try:
+        network = MedSegDiffV2(
+            spatial_dims=args.spatial_dims, in_channels=args.in_channels, num_classes=args.num_classes,
+            condition_channels=args.condition_channels, **preset,
+        ).to(device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     if args.size % network.divisor:
         raise SystemExit(f"--size {args.size} must be a multiple of {network.divisor} for this preset")
     n_params = sum(p.numel() for p in network.parameters())
@@ -435,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update({
         "channels": list(preset["channels"]),
+        "condition_channels": list(args.condition_channels or preset["channels"]),
         "num_res_blocks": preset["num_res_blocks"],
         "parameter_count": n_params,
         "input_shape": [args.in_channels] + [s] * args.spatial_dims,

@@ -70,14 +70,25 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     result = _run(
         tmp_path, "full", "--size", "16", "--skip-train", "--ensemble", str(ensemble), "--steps", "2",
         "--repeats", "1", "--reference-steps", str(steps), "--reference-full",
+        "--condition-channels", "16", "32", "64", "256",
     )
     ref = result["phases"]["reference"]
+    assert result["settings"]["condition_channels"] == [16, 32, 64, 256]
+    assert result["settings"]["channels"] == [16, 32, 64, 128]
     assert result["reference_extrapolated"] is False
     # every member sequentially at batch 1, the condition network rerun at every step: steps x members
     assert ref["measured_members"] == ensemble and ref["measured_steps"] == steps
     assert ref["condition_calls"] == ref["denoise_calls"] == steps * ensemble
     assert result["phases"]["fast"]["condition_calls"] == 1
     assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
+
+
+def test_speed_benchmark_refuses_condition_widths_of_another_depth(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "small", "--condition-channels",
+                           "16", "32", "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "as many levels as channels" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 # --------------------------------------------------------------------------- benchmarks/device/run.sh (plumbing)

@@ -86,6 +86,16 @@ def test_sampler_options_reach_the_inferer(trained_2d, config):
     assert workflow(config, "infer", trained_2d, **INFER_2D).inferer.sampler.anchor_weight == 0.0
 
 
+def test_a_wider_condition_unet_trains_saves_and_evaluates(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), num_classes=2, in_channels=3, seed=2)
+    wide = {"condition_channels": [16, 32, 64]}  # TINY diffusion widths are 8, 16, 32
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1}, **wide)
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert tuple(weights["semantic_proj.weight"].shape[:2]) == (32, 64)
+    run_workflow("evaluate", "infer", tmp_path, **INFER_2D, **wide)
+    assert pd.read_csv(tmp_path / "eval" / "evaluation" / "metrics.csv")["dice"].between(0, 1).all()
+
+
 def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_path):
     good = sorted((trained_2d / "data" / "images").glob("*.png"))[:2]
     folder = tmp_path / "in"

@@ -182,7 +182,30 @@ def test_bad_label_is_refused():
 
 @pytest.mark.parametrize("kwargs,match", [({"anchor": "gauss"}, "anchor must be one of"),
                                           ({"semantic": "fft"}, "semantic must be one of"),
-                                          ({"num_classes": 1}, "num_classes counts the background")])
+                                          ({"num_classes": 1}, "num_classes counts the background"),
+                                          ({"condition_channels": (8, 16, 32)}, "as many levels as channels")])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MedSegDiffV2(**{"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "channels": (8, 16), **kwargs})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_wider_condition_unet_feeds_the_diffusion_unet_through_a_projection(spatial_dims):
+    model = tiny_model(spatial_dims, 1 if spatial_dims == 3 else 3, condition_channels=(16, 32, 64))
+    assert tuple(model.condition_unet.channels) == (16, 32, 64) and tuple(model.diffusion_unet.channels) == (8, 16, 32)
+    size = 32 if spatial_dims == 2 else 16
+    image = torch.randn(2, model.in_channels, *[size] * spatial_dims)
+    cond = model.condition(image)
+    # c0 arrives at the diffusion UNet's bottleneck width (tiny: 32), not the condition UNet's (64)
+    assert cond.semantic.shape == (2, 32, *[size // 4] * spatial_dims)
+    _one_backward(model, spatial_dims, size)
+    assert model.semantic_proj.weight.grad.abs().sum() > 0
+
+
+def test_equal_or_default_condition_widths_keep_the_state_dict_keys():
+    default = tiny_model().state_dict()
+    same = tiny_model(condition_channels=(8, 16, 32)).state_dict()
+    assert list(default) == list(same) and not any(k.startswith("semantic_proj") for k in default)
+    # without a semantic path there is nothing to project, whatever the widths
+    plain = tiny_model(semantic="none", condition_channels=(16, 32, 64))
+    assert plain.semantic_proj is None

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .anchor import SpatialAttentionGate, UncertainSpatialAttention
-from .blocks import TimestepEmbedding
+from .blocks import TimestepEmbedding, conv
 from .ssformer import SSFormer
 from .unet import ResidualUNet
 
@@ -40,7 +40,7 @@ class ConditionFeatures:
     Attributes:
         logits: condition-model segmentation logits ``(B, M, *S)`` (``M`` = mask channels).
         anchor: the anchor map ``f_c`` (class probabilities of ``logits``), ``(B, M, *S)``.
-        semantic: bottleneck embedding ``c0``, ``(B, C_L, *S/2**(L-1))``.
+        semantic: bottleneck embedding ``c0`` at the diffusion UNet's width, ``(B, C_L, *S/2**(L-1))``.
     """
 
     logits: torch.Tensor
@@ -60,7 +60,7 @@ class MedSegDiffV2(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: image channels (e.g. 3 for RGB, 4 for BraTS MRI).
         num_classes: classes including background (2 for binary).
-        channels: widths per UNet level, shared by both UNets so that ``c0`` and ``e0`` match.
+        channels: widths per level of the diffusion UNet (and of the condition UNet unless ``condition_channels``).
         num_res_blocks: residual blocks per level.
         anchor: ``"usa"`` (default), ``"sa"`` (plain spatial attention) or ``"none"``.
         semantic: ``"ssformer"`` (default), ``"ssformer_nofilter"`` (H == 1) or ``"none"``.
@@ -70,6 +70,11 @@ class MedSegDiffV2(nn.Module):
         gaussian_kernel_size: U-SA Gaussian kernel size per axis.
         norm_num_groups: GroupNorm groups.
         dropout: dropout in residual blocks.
+        condition_channels: widths per level of the condition UNet, as many levels as ``channels``; ``None``
+            (default) uses ``channels``. The condition UNet runs once per image at inference while the diffusion UNet
+            runs for every step and member, so a wide condition UNet with a light diffusion UNet buys accuracy of
+            the anchor at little sampling cost (the official code also conditions on a separate nnU-Net). When its
+            bottleneck width differs, a 1x1 convolution maps ``c0`` to the diffusion width for the SS-Former.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class MedSegDiffV2(nn.Module):
         gaussian_kernel_size: int = 5,
         norm_num_groups: int = 8,
         dropout: float = 0.0,
+        condition_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if anchor not in ANCHOR_MODES:
@@ -108,8 +114,14 @@ class MedSegDiffV2(nn.Module):
         channels = tuple(channels)
         temb_channels = 4 * channels[0]
 
+        cond_channels = tuple(condition_channels) if condition_channels is not None else channels
+        if len(cond_channels) != len(channels):
+            raise ValueError(
+                f"condition_channels {cond_channels} must have as many levels as channels {channels}, so that the "
+                "two bottlenecks meet at the same resolution."
+            )
         self.condition_unet = ResidualUNet(
-            spatial_dims, in_channels, self.mask_channels, channels, num_res_blocks, None, norm_num_groups, dropout
+            spatial_dims, in_channels, self.mask_channels, cond_channels, num_res_blocks, None, norm_num_groups, dropout
         )
         self.time_embed = TimestepEmbedding(channels[0], temb_channels)
         self.diffusion_unet = ResidualUNet(
@@ -122,6 +134,9 @@ class MedSegDiffV2(nn.Module):
         elif anchor == "sa":
             self.anchor = SpatialAttentionGate(spatial_dims, self.mask_channels)
         self.ssformer: SSFormer | None = None
+        self.semantic_proj: nn.Module | None = None
+        if semantic != "none" and cond_channels[-1] != channels[-1]:
+            self.semantic_proj = conv(spatial_dims, cond_channels[-1], channels[-1], kernel_size=1)
         if semantic != "none":
             self.ssformer = SSFormer(
                 spatial_dims, channels[-1], temb_channels, ss_blocks, ss_heads, semantic == "ssformer",
@@ -159,6 +174,8 @@ class MedSegDiffV2(nn.Module):
         skips, h = net.encode(image)
         semantic = net.middle(h)
         logits = net.decode(semantic, skips)
+        if self.semantic_proj is not None:
+            semantic = self.semantic_proj(semantic)
         return ConditionFeatures(logits=logits, anchor=self.anchor_probabilities(logits), semantic=semantic)
 
     def denoise(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: ConditionFeatures) -> torch.Tensor:
