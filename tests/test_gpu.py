@@ -102,12 +102,16 @@ def test_sampling_loop_never_synchronises_host_and_device(sampler, steps, num_tr
     assert torch.isfinite(result.probs).all() and result.probs.shape == (2, 2, 32, 32)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp", "ddim"])
-def test_fast_inferer_call_never_synchronises_host_and_device(sampler):
+# the options the bundle's validation and the accuracy switches add (anchor blend, anchor channels, rounding)
+OPTIONS = {"anchor_weight": 0.5, "return_anchor": True, "return_uncertainty": True, "round_x0": True}
+
+
+@pytest.mark.parametrize("sampler, options", [("dpmpp", {}), ("ddim", {}), ("dpmpp", OPTIONS)])
+def test_fast_inferer_call_never_synchronises_host_and_device(sampler, options):
     """The whole DiffusionSegInferer call as the bundle makes it on a GPU: bf16 autocast and channels-last."""
     net = _untrained()
     image = torch.randn(1, 3, 32, 32, device=_device())
-    inferer = DiffusionSegInferer(sampler, steps=10, ensemble=5, amp=True, channels_last=True)
+    inferer = DiffusionSegInferer(sampler, steps=10, ensemble=5, amp=True, channels_last=True, **options)
     inferer(image, net)  # warm-up (also converts the network to channels-last, once)
     torch.cuda.synchronize()
     with _sync_is_an_error():

@@ -68,8 +68,9 @@ def round_x0(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
     """
     if num_classes == 2:
         return torch.where(x0 > 0, 1.0, -1.0).to(x0.dtype)
-    onehot = F.one_hot(x0.argmax(dim=1), num_classes).movedim(-1, 1)
-    return (onehot * 2 - 1).to(x0.dtype)
+    # scatter rather than F.one_hot, whose value checks may read back from the device
+    onehot = torch.zeros_like(x0).scatter_(1, x0.argmax(dim=1, keepdim=True), 1.0)
+    return onehot * 2 - 1
 
 
 def x0_to_probs(x0: torch.Tensor, num_classes: int) -> torch.Tensor:
