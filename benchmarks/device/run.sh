@@ -124,12 +124,15 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
-    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases, the
-    # per-step trajectory, and the anchor blend chosen on the validation fold (pass 1's unblended result is kept in
-    # its ensemble_only entry)
+    # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases and
+    # the per-step trajectory
+    local more=(--compare-ddpm --ddpm-cases "$DDPM_CASES" --trajectory "$TRAJECTORY_CASES")
     run_step quality-ddpm "$(left "$deadline")" "$OUT/quality.log" \
-        python3 benchmarks/quality.py "${common[@]}" --compare-ddpm --ddpm-cases "$DDPM_CASES" \
-        --trajectory "$TRAJECTORY_CASES" --anchor-weight select --out "$OUT/quality_ddpm.json"
+        python3 benchmarks/quality.py "${common[@]}" "${more[@]}" --out "$OUT/quality_ddpm.json"
+    # pass 3, last because it matters least: the anchor blend chosen on the validation fold and the test cases scored
+    # with it (the unblended result stays in its ensemble_only entry)
+    run_step quality-anchor "$(left "$deadline")" "$OUT/quality.log" \
+        python3 benchmarks/quality.py "${common[@]}" "${more[@]}" --anchor-weight select --out "$OUT/quality_anchor.json"
 }
 
 for stage in "${STAGES[@]}"; do
@@ -166,7 +169,7 @@ for name in ("speed.json", "speed_contiguous.json"):
               f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}), reference "
               f"{r['reference_latency_s']:.2f} s/image, speed-up {r['speedup']:.0f}x, "
               f"training {r.get('train_img_per_s', float('nan')):.1f} img/s, peak {r.get('train_peak_mem_gb', 0):.2f} GB")
-for name in ("quality.json", "quality_ddpm.json"):
+for name in ("quality.json", "quality_ddpm.json", "quality_anchor.json"):
     p = out / name
     if p.is_file():
         r = json.loads(p.read_text())
