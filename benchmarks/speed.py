@@ -47,6 +47,9 @@ from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_profile import profile_ops  # noqa: E402
+
 # name -> MedSegDiffV2 keyword arguments
 PRESETS: dict[str, dict] = {
     # CPU-friendly: ~3.7 M parameters (2D, 3 input channels, binary)
@@ -263,6 +266,10 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
                     out = inferer(image, network)
                     sync(device)
                     times.append(time.perf_counter() - start)
+            counts = dict(counter.counts)  # of the timed calls only
+            profile = None
+            if args.profile > 0:  # after the timed calls, so that the profiler's overhead stays out of them
+                profile = profile_ops(lambda: inferer(image, network), device, args.profile)
         finite = bool(torch.isfinite(out).all())
     finally:
         counter.remove()  # also drops the compiled denoiser: the reference mode runs eager
@@ -282,13 +289,14 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
         "call_times_s": times,
         "latency_per_image_s": latency,
         "sampling_calls": calls,
-        "condition_calls": counter.counts["condition"],
-        "denoise_calls": counter.counts["denoise"],
-        "condition_calls_per_call": counter.counts["condition"] / calls,
-        "denoise_calls_per_call": counter.counts["denoise"] / calls,
+        "condition_calls": counts["condition"],
+        "denoise_calls": counts["denoise"],
+        "condition_calls_per_call": counts["condition"] / calls,
+        "denoise_calls_per_call": counts["denoise"] / calls,
         "peak_mem_gb": mem.gb,
         "peak_mem_kind": mem.kind,
         "output_finite": finite,
+        **({"profile": profile} if profile is not None else {}),
     }
 
 
@@ -389,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N fast-path calls (torch.profiler): time by operator kind and the top operators")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.sample_warmup is None:  # compiled kernels keep settling for a call or two after the first compilation
@@ -512,6 +522,10 @@ def print_table(result: dict, args) -> None:
          + (f" (extrapolated from {ref['measured_steps']} steps, {ref['per_step_s']:.4f} s/step)" if ref["extrapolated"] else " (measured)")),
         ("speedup (reference / fast)", f"{result['speedup']:.1f}x"),
     ]
+    if "profile" in fast:
+        prof = fast["profile"]
+        rows.append((f"fast-path profile ({prof['time_kind']}, per call)",
+                     ", ".join(f"{k} {v['percent']:.0f}%" for k, v in prof["by_kind"].items())))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -34,7 +34,7 @@ def test_speed_benchmark_smoke(tmp_path):
     steps, measured = 2, 2
     result = _run(
         tmp_path, "smoke", "--size", "32", "--train-batch", "2", "--train-iters", "2", "--train-warmup", "1",
-        "--steps", str(steps), "--repeats", "1", "--reference-steps-measured", str(measured),
+        "--steps", str(steps), "--repeats", "1", "--reference-steps-measured", str(measured), "--profile", "1",
     )
     for key in ("device", "torch_version", "monai_version", "date", "settings", "phases"):
         assert key in result, key
@@ -62,6 +62,12 @@ def test_speed_benchmark_smoke(tmp_path):
     assert ref["condition_calls_full_run"] == 1000 * 5
     assert ref["latency_per_image_s"] == pytest.approx(ref["per_step_s"] * 1000 * 5)
     assert fast["output_finite"] and ref["output_finite"] and result["phases"]["train"]["loss_finite"]
+    # the profile of one more fast-path call (not counted in the calls above): shares by operator kind
+    prof = fast["profile"]
+    assert prof["calls"] == 1 and prof["time_kind"] == "self CPU time" and prof["total_ms"] > 0
+    assert sum(v["percent"] for v in prof["by_kind"].values()) == pytest.approx(100.0)
+    assert prof["by_kind"]["convolution"]["percent"] > 10 and "fft" in prof["by_kind"]  # convs; the SS-Former's FFTs
+    assert prof["top_ops"][0]["ms"] >= prof["top_ops"][-1]["ms"]
 
 
 @pytest.mark.slow
@@ -81,6 +87,20 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     assert ref["condition_calls"] == ref["denoise_calls"] == steps * ensemble
     assert result["phases"]["fast"]["condition_calls"] == 1
     assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::mkldnn_convolution", "convolution"), ("sm90_xmma_fprop_implicit_gemm_bf16", "convolution"),
+    ("aten::native_group_norm", "normalization"), ("void at::native::(anonymous)::RowwiseMomentsCUDAKernel", "normalization"),
+    ("aten::_fft_r2c", "fft"), ("void regular_fft<256u>", "fft"), ("aten::addmm", "matmul"),
+    ("ampere_bf16_s16816gemm_bf16_128x64", "matmul"), ("aten::_scaled_dot_product_flash_attention", "attention"),
+    ("aten::copy_", "copy / layout"), ("aten::silu", "other"),
+])
+def test_profile_kinds_by_name(name, kind):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_profile import op_kind
+
+    assert op_kind(name) == kind
 
 
 def test_speed_benchmark_refuses_condition_widths_of_another_depth(tmp_path):

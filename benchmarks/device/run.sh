@@ -89,7 +89,7 @@ speed() {  # default preset at 256^2: bf16 + channels-last (the issue's fast pat
     fi
     run_step speed "$(($(left "$deadline") < 100 ? $(left "$deadline") : 100))" "$OUT/speed.log" \
         python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp --channels-last ${tiny[@]+"${tiny[@]}"} \
-        --out "$OUT/speed.json"
+        --profile 1 --out "$OUT/speed.json"
 }
 
 speed_contiguous() {  # last in call 1: only with the time that is left
@@ -101,7 +101,7 @@ speed_contiguous() {  # last in call 1: only with the time that is left
     fi
     run_step speed-contiguous "$(left "$1")" "$OUT/speed.log" \
         python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp ${tiny[@]+"${tiny[@]}"} \
-        --out "$OUT/speed_contiguous.json"
+        --profile 1 --out "$OUT/speed_contiguous.json"
 }
 
 tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels)
@@ -169,6 +169,9 @@ for name in ("speed.json", "speed_contiguous.json"):
               f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}), reference "
               f"{r['reference_latency_s']:.2f} s/image, speed-up {r['speedup']:.0f}x, "
               f"training {r.get('train_img_per_s', float('nan')):.1f} img/s, peak {r.get('train_peak_mem_gb', 0):.2f} GB")
+        prof = r["phases"]["fast"].get("profile")
+        if prof:
+            print("    fast-path time by kind: " + ", ".join(f"{k} {v['percent']:.0f}%" for k, v in prof["by_kind"].items()))
 for name in ("quality.json", "quality_ddpm.json", "quality_anchor.json"):
     p = out / name
     if p.is_file():

@@ -1,0 +1,73 @@
+"""Where the time of a call goes: a ``torch.profiler`` run summarised by operator and by operator kind.
+
+``speed.py --profile N`` uses it on the fast path, so that a missed latency target comes with a profile (which kind
+of work dominates), not a guess. On CPU the operators' own (self) CPU time is counted; on CUDA the kernels' own
+device time. Kinds are assigned by name (approximate: e.g. cuDNN may run a convolution as a GEMM kernel).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["KINDS", "op_kind", "profile_ops"]
+
+# checked in this order; the first pattern that matches a (lower-cased) operator or kernel name wins
+KINDS: tuple[tuple[str, str], ...] = (
+    ("fft", r"fft"),
+    # CUDA GroupNorm runs as RowwiseMoments / ComputeFusedParams kernels
+    ("normalization", r"group_norm|layer_norm|groupnorm|layernorm|batch_norm|rowwisemoments|fusedparams"),
+    ("attention", r"scaled_dot_product|flash|attention|_efficient_attention|softmax"),
+    ("convolution", r"conv|winograd|implicit_gemm|fprop|dgrad|wgrad"),
+    ("matmul", r"gemm|addmm|bmm|matmul|\bmm\b|aten::mm|linear|cutlass"),
+    ("copy / layout", r"copy|contiguous|to_copy|clone|cat|pad|permute|transpose"),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind of an operator or kernel name (``"other"`` when no pattern matches)."""
+    lowered = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, lowered):
+            return kind
+    return "other"
+
+
+def profile_ops(call: Callable[[], object], device: torch.device, calls: int = 1, top: int = 15) -> dict:
+    """Profile ``calls`` runs of ``call()`` (already warmed up by the caller).
+
+    Returns ``{"calls", "time_kind", "total_ms", "by_kind": {kind: {"ms", "percent"}}, "top_ops": [{"name", "kind",
+    "ms", "percent", "count"}]}`` with times per call, kinds sorted by time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}.")
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        us = float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+        if us > 0:
+            rows.append({"name": event.key, "kind": op_kind(event.key), "us": us, "count": int(event.count)})
+    total_us = sum(r["us"] for r in rows) or 1.0
+    by_kind: dict[str, float] = {}
+    for r in rows:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0.0) + r["us"]
+    rows.sort(key=lambda r: r["us"], reverse=True)
+    return {
+        "calls": calls,
+        "time_kind": "self CUDA kernel time" if cuda else "self CPU time",
+        "total_ms": total_us / 1000.0 / calls,
+        "by_kind": {k: {"ms": us / 1000.0 / calls, "percent": 100.0 * us / total_us}
+                    for k, us in sorted(by_kind.items(), key=lambda kv: kv[1], reverse=True)},
+        "top_ops": [{"name": r["name"], "kind": r["kind"], "ms": r["us"] / 1000.0 / calls,
+                     "percent": 100.0 * r["us"] / total_us, "count": r["count"] // calls} for r in rows[:top]],
+    }
