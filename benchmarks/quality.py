@@ -254,15 +254,21 @@ def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, vari
     return network, image, label
 
 
+def evaluation_sampler(args):
+    """The ``DiffusionSampler`` of the MedSegDiff test evaluation (``--sampler/--steps/--ensemble/--round-x0``), for
+    the in-memory diagnostics."""
+    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
+
+    return DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
+
+
 def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, variant: dict, device) -> dict:
     """Dice of the predicted mask after every sampler step on the first ``--trajectory`` test cases, at the
     training size, next to the anchor's Dice (written to ``<root>/eval/trajectory.csv|png``)."""
-    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
     from medsegdiff_bundle.evaluation import denoising_trajectory, save_trajectory_plot
 
     network, image, label = trained_network_and_cases(root, data, test_ids[: args.trajectory], args, variant, device)
-    sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
-    table, summary = denoising_trajectory(network, sampler, image, label)
+    table, summary = denoising_trajectory(network, evaluation_sampler(args), image, label)
     out_dir = root / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trajectory.csv", index=False)
@@ -276,17 +282,15 @@ def select_anchor_weight(root: Path, data: Path, val_ids: list[str], args, varia
     Resumable: a finished sweep is read back."""
     import pandas as pd
 
-    from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
-    from medsegdiff_bundle.evaluation import anchor_weight_sweep
+    from medsegdiff_bundle.evaluation import anchor_weight_sweep, best_anchor_weight
 
     csv = root / "eval" / "anchor_weight_sweep.csv"
     if csv.is_file():
         table = pd.read_csv(csv)
-        best = float(table.loc[table["dice"].idxmax(), "anchor_weight"])
+        best = best_anchor_weight(table)
     else:
         network, image, label = trained_network_and_cases(root, data, val_ids, args, variant, device)
-        sampler = DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
-        table, best = anchor_weight_sweep(network, sampler, image, label)
+        table, best = anchor_weight_sweep(network, evaluation_sampler(args), image, label)
         csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(csv, index=False)
     return {"selected_on": f"validation fold ({len(val_ids)} cases, at {args.size}x{args.size})",

@@ -20,7 +20,7 @@ from ..diffusion.sampler import DiffusionSampler
 from ..networks.medsegdiff import MedSegDiffV2
 from .metrics import dice_scores
 
-__all__ = ["DEFAULT_ANCHOR_WEIGHTS", "anchor_weight_sweep"]
+__all__ = ["DEFAULT_ANCHOR_WEIGHTS", "anchor_weight_sweep", "best_anchor_weight"]
 
 DEFAULT_ANCHOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -65,5 +65,10 @@ def anchor_weight_sweep(
         blend = torch.lerp(ensemble, anchor, w)
         rows.append({"anchor_weight": w, "dice": float(dice_scores(probs_to_label(blend), label, num_classes).mean())})
     table = pd.DataFrame(rows)
-    best = float(table.loc[table["dice"].idxmax(), "anchor_weight"])  # idxmax: first (smallest w) of the ties
-    return table, best
+    return table, best_anchor_weight(table)
+
+
+def best_anchor_weight(table: pd.DataFrame) -> float:
+    """The weight with the highest Dice in an :func:`anchor_weight_sweep` table, the smallest one on a tie."""
+    table = table.sort_values("anchor_weight", kind="stable")
+    return float(table.loc[table["dice"].idxmax(), "anchor_weight"])  # idxmax: the first of the ties

@@ -90,6 +90,15 @@ def save_overlay(
     return _save(fig, path)
 
 
+def _finish(ax: plt.Axes, xlabel: str, integer_x: bool = False) -> None:
+    """Label the x axis (integer ticks for counts such as epochs and steps), add the legend and a light grid."""
+    ax.set_xlabel(xlabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def save_training_curves(
     path: str | Path,
     history: Mapping[str, Sequence[float]],
@@ -106,20 +115,15 @@ def save_training_curves(
     for key, values in history.items():
         if key != x_key:
             ax.plot(x, values, label=key, linewidth=1)
-    ax.set_xlabel(x_key)
     ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    _finish(ax, x_key)
     if panels == 2:
         ax = axes[0, 1]
         for key, values in validation.items():
             if key != "epoch":
                 ax.plot(validation["epoch"], values, marker="o", markersize=3, linewidth=1, label=key)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("validation")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        _finish(ax, "epoch", integer_x=True)
     return _save(fig, path)
 
 
@@ -130,9 +134,6 @@ def save_trajectory_plot(path: str | Path, table: Mapping[str, Sequence[float]],
     steps = [int(s) + 1 for s in table["step"]]
     ax.plot(steps, list(table["dice"]), marker="o", markersize=3, linewidth=1, label="predicted x0 after step")
     ax.axhline(summary["anchor_dice"], color="tab:orange", linestyle="--", linewidth=1, label="anchor (condition model)")
-    ax.set_xlabel("sampler step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Dice")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    _finish(ax, "sampler step", integer_x=True)
     return _save(fig, path)
