@@ -430,6 +430,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--timestep-power", type=float, default=None,
                    help="MedSegDiff-V2 training timestep density ~ t^(p-1) (default: the bundle's timestep_power)")
+    p.add_argument("--x0-dice-weight", type=float, default=None,
+                   help="MedSegDiff-V2 weight of the soft Dice on the predicted x0 (MedSegDiffLoss x0_dice_weight; "
+                        "default: the bundle's)")
     p.add_argument("--baseline-lr", type=float, default=1e-3, help="DynUNet AdamW learning rate (constant)")
     p.add_argument("--baseline-filters", type=int, nargs=2, default=[32, 320], metavar=("BASE", "MAX"),
                    help="DynUNet filters: first level and cap")
@@ -486,6 +489,7 @@ def main(argv=None) -> int:
     train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
                    "learning_rate": args.lr,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
+                   **({"x0_dice_weight": args.x0_dice_weight} if args.x0_dice_weight is not None else {}),
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
                    "synthetic_if_missing": False}
     eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble, "round_x0": args.round_x0}

@@ -96,6 +96,18 @@ def test_a_wider_condition_unet_trains_saves_and_evaluates(tmp_path):
     assert pd.read_csv(tmp_path / "eval" / "evaluation" / "metrics.csv")["dice"].between(0, 1).all()
 
 
+def test_x0_dice_weight_reaches_the_loss_and_its_term_is_logged(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), num_classes=2, in_channels=3, seed=3)
+    wf = run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "max_epochs": 1, "val_interval": 5},
+                      x0_dice_weight=0.5)
+    assert wf.trainer.loss_function.x0_dice_weight == 0.5
+    log = pd.read_csv(tmp_path / "eval" / "training_log.csv")
+    assert log["x0_dice_loss"].between(0, 1).all() and len(log) == wf.trainer.state.iteration
+    # the logged total is the sum of its terms (the paper's anchor weight is 1)
+    expected = log["diffusion_loss"] + log["anchor_loss"] + 0.5 * log["x0_dice_loss"]
+    assert np.allclose(log["loss"], expected, atol=1e-4)
+
+
 def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_path):
     good = sorted((trained_2d / "data" / "images").glob("*.png"))[:2]
     folder = tmp_path / "in"

@@ -80,9 +80,9 @@ def test_training_step_draws_its_timesteps_with_the_power():
     seen = []
 
     class Recording(MedSegDiffLoss):
-        def forward(self, prediction, target, anchor_logits, label, timesteps):
+        def forward(self, prediction, target, anchor_logits, label, timesteps, x0_pred=None):
             seen.append(timesteps)
-            return super().forward(prediction, target, anchor_logits, label, timesteps)
+            return super().forward(prediction, target, anchor_logits, label, timesteps, x0_pred)
 
     model = tiny_model()
     image, label = synthetic_batch(16, 16)

@@ -6,16 +6,20 @@
 
 The anchor term supervises the condition model's segmentation head; the indicator is applied per sample.
 Binary tasks use sigmoid Dice + BCE, multi-class softmax Dice + CE (MONAI ``DiceCELoss``).
+
+Optional, not in the paper: ``x0_dice_weight * Dice(p(x0_hat), label)``, a soft Dice on the diffusion model's own
+predicted clean mask decoded to probabilities (:func:`~medsegdiff_bundle.diffusion.labels.x0_to_probs`). The MSE
+alone weighs every pixel alike, so a small structure costs little; Dice scores the overlap the user is measured on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from .labels import validate_label
+from .labels import validate_label, x0_to_probs
 
 __all__ = ["MedSegDiffLoss"]
 
@@ -28,22 +32,37 @@ class MedSegDiffLoss(nn.Module):
         alpha: supervise the anchor on samples whose timestep is a multiple of ``alpha`` (1 = always).
         beta: weight of the CE term inside the anchor loss.
         anchor_weight: overall weight of the anchor loss.
+        x0_dice_weight: weight of the soft Dice on the diffusion model's predicted ``x0`` (0 = off, the paper's
+            objective). When it is on, ``forward`` needs ``x0_pred``.
 
-    ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,))``
-    returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor`` (detached, for logging).
+    ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,),
+    x0_pred (B, M, *S) | None)`` returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor``
+    (detached, for logging), and ``x0_dice`` when that term is on.
     """
 
-    def __init__(self, num_classes: int, alpha: int = 1, beta: float = 1.0, anchor_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: int = 1,
+        beta: float = 1.0,
+        anchor_weight: float = 1.0,
+        x0_dice_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         if alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {alpha}.")
+        if not x0_dice_weight >= 0:
+            raise ValueError(f"x0_dice_weight must be >= 0, got {x0_dice_weight}.")
         self.num_classes = num_classes
         self.alpha = alpha
         self.anchor_weight = anchor_weight
+        self.x0_dice_weight = float(x0_dice_weight)
         binary = num_classes == 2
         self.anchor_loss = DiceCELoss(
             sigmoid=binary, softmax=not binary, to_onehot_y=not binary, lambda_dice=1.0, lambda_ce=beta
         )
+        # x0_to_probs already yields probabilities: the foreground channel (binary) or all K classes
+        self.x0_dice_loss = DiceLoss(to_onehot_y=not binary)
 
     def forward(
         self,
@@ -52,21 +71,27 @@ class MedSegDiffLoss(nn.Module):
         anchor_logits: torch.Tensor,
         label: torch.Tensor,
         timesteps: torch.Tensor,
+        x0_pred: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         label = validate_label(label, self.num_classes)
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
         anchor_target = label.float() if self.num_classes == 2 else label
         if self.alpha == 1:  # every sample is supervised: no indicator to read back from the device
             anchor = self.anchor_loss(anchor_logits.float(), anchor_target)
-            return self._total(diffusion_loss, anchor)
-        selected = (timesteps % self.alpha) == 0
-        anchor = diffusion_loss.new_zeros(())
-        if bool(selected.any()):
-            anchor = self.anchor_loss(anchor_logits[selected].float(), anchor_target[selected])
-            # mean over the batch of indicator * L_i  ==  (fraction selected) * mean over the selected samples
-            anchor = anchor * selected.float().mean()
-        return self._total(diffusion_loss, anchor)
-
-    def _total(self, diffusion_loss: torch.Tensor, anchor: torch.Tensor) -> dict[str, torch.Tensor]:
+        else:
+            selected = (timesteps % self.alpha) == 0
+            anchor = diffusion_loss.new_zeros(())
+            if bool(selected.any()):
+                anchor = self.anchor_loss(anchor_logits[selected].float(), anchor_target[selected])
+                # mean over the batch of indicator * L_i  ==  (fraction selected) * mean over the selected samples
+                anchor = anchor * selected.float().mean()
+        losses = {"diffusion": diffusion_loss.detach(), "anchor": anchor.detach()}
         total = diffusion_loss + self.anchor_weight * anchor
-        return {"loss": total, "diffusion": diffusion_loss.detach(), "anchor": anchor.detach()}
+        if self.x0_dice_weight > 0:
+            if x0_pred is None:
+                raise ValueError("x0_dice_weight > 0 needs x0_pred, the predicted clean mask (see diffusion_forward).")
+            probs = x0_to_probs(x0_pred.float(), self.num_classes)
+            x0_dice = self.x0_dice_loss(probs[:, 1:] if self.num_classes == 2 else probs, anchor_target)
+            total = total + self.x0_dice_weight * x0_dice
+            losses["x0_dice"] = x0_dice.detach()
+        return {"loss": total, **losses}

@@ -13,7 +13,7 @@ from ..networks.medsegdiff import MedSegDiffV2
 from .labels import label_to_x0
 from .losses import MedSegDiffLoss
 
-__all__ = ["diffusion_forward", "sample_timesteps"]
+__all__ = ["diffusion_forward", "predicted_x0", "sample_timesteps"]
 
 
 def sample_timesteps(
@@ -35,6 +35,23 @@ def sample_timesteps(
         return torch.randint(0, num_train_timesteps, (batch,), device=device, generator=generator)
     u = torch.rand(batch, device=device, generator=generator, dtype=torch.float64)
     return (num_train_timesteps * u.pow(1.0 / power)).long().clamp_(0, num_train_timesteps - 1)
+
+
+def predicted_x0(
+    scheduler: Scheduler, x_t: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The network's clean-mask estimate ``x0_hat (B, M, *S)`` at per-sample ``timesteps (B,)``.
+
+    ``prediction_type="sample"``: the prediction itself. ``"epsilon"``: ``(x_t - sqrt(1 - abar_t) eps_hat) /
+    sqrt(abar_t)``, clipped to ``[-1, 1]`` because near ``t = T`` the division by ``sqrt(abar_t)`` amplifies the
+    error of ``eps_hat`` far beyond the mask range.
+    """
+    if getattr(scheduler, "prediction_type", "epsilon") == "sample":
+        return prediction
+    abar = scheduler.alphas_cumprod.to(device=x_t.device)[timesteps].float()
+    abar = abar.view(-1, *([1] * (x_t.ndim - 1)))
+    x0 = (x_t.float() - (1 - abar).sqrt() * prediction.float()) / abar.sqrt()
+    return x0.clamp(-1.0, 1.0).to(prediction.dtype)
 
 
 def diffusion_forward(
@@ -72,4 +89,5 @@ def diffusion_forward(
     x_t = scheduler.add_noise(x0, noise, timesteps)
     prediction, anchor_logits = network(x_t, image, timesteps)
     target = x0 if getattr(scheduler, "prediction_type", "epsilon") == "sample" else noise
-    return loss_fn(prediction, target, anchor_logits, label, timesteps)
+    x0_pred = predicted_x0(scheduler, x_t, prediction, timesteps) if loss_fn.x0_dice_weight > 0 else None
+    return loss_fn(prediction, target, anchor_logits, label, timesteps, x0_pred=x0_pred)

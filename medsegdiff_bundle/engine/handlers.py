@@ -40,11 +40,12 @@ class TrainingCurvesHandler:
     Args:
         output_dir: where the files go.
         evaluator: the validation engine (its ``state.metrics`` are logged after each of its runs).
-        loss_keys: keys of ``engine.state.output`` to record (first item when the output is decollated).
+        loss_keys: keys of ``engine.state.output`` to record (first item when the output is decollated); keys an
+            output lacks (``x0_dice_loss`` when that term is off) are left out.
     """
 
     def __init__(self, output_dir: str | Path, evaluator: Any = None,
-                 loss_keys: tuple[str, ...] = (Keys.LOSS, "diffusion_loss", "anchor_loss")) -> None:
+                 loss_keys: tuple[str, ...] = (Keys.LOSS, "diffusion_loss", "anchor_loss", "x0_dice_loss")) -> None:
         self.output_dir = Path(output_dir)
         self.evaluator = evaluator
         self.loss_keys = loss_keys

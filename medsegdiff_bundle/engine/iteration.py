@@ -138,6 +138,7 @@ class DiffusionTrainIteration:
             Keys.LOSS: loss.detach(),
             "diffusion_loss": losses["diffusion"],
             "anchor_loss": losses["anchor"],
+            **({"x0_dice_loss": losses["x0_dice"]} if "x0_dice" in losses else {}),
         }
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
