@@ -43,7 +43,7 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     best = load_checkpoint(trained_2d / "models" / "model.pt")
     assert "condition_unet.stem.weight" in best  # a plain state dict the inference config loads
     log = pd.read_csv(trained_2d / "eval" / "training_log.csv")
-    assert {"loss", "diffusion_loss", "anchor_loss"} <= set(log.columns)
+    assert {"loss", "diffusion_loss", "anchor_loss", "x0_dice_loss"} <= set(log.columns)  # x0 Dice on by default
     assert (trained_2d / "eval" / "training_curves.png").is_file()
     # the sampled result's Dice and the condition model's own (anchor) Dice, per validation run
     val_log = pd.read_csv(trained_2d / "eval" / "validation_log.csv")

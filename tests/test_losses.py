@@ -31,15 +31,18 @@ def test_x0_dice_is_zero_for_the_true_mask_and_near_one_for_its_complement(num_c
     assert wrong > (0.99 if num_classes == 2 else 1 - 2 / (num_classes + 1))
 
 
-def test_x0_dice_weight_scales_its_term_and_is_off_by_default():
+def test_x0_dice_weight_scales_its_term_and_zero_is_the_papers_objective():
     label = _label(2)
     x0 = label_to_x0(label, 2)
     pred, anchor, t = x0 * 0.5, torch.randn_like(x0), torch.zeros(2, dtype=torch.long)
-    base = MedSegDiffLoss(2)(pred, x0, anchor, label, t)
-    assert set(base) == {"loss", "diffusion", "anchor"}  # the paper's objective: no x0 term, no x0 needed
+    paper = MedSegDiffLoss(2, x0_dice_weight=0.0)(pred, x0, anchor, label, t)
+    assert set(paper) == {"loss", "diffusion", "anchor"}  # no x0 term, no x0 needed
+    torch.testing.assert_close(paper["loss"], paper["diffusion"] + paper["anchor"])
     with_dice = MedSegDiffLoss(2, x0_dice_weight=0.5)(pred, x0, anchor, label, t, x0_pred=pred)
     assert with_dice["x0_dice"] > 0.1
-    torch.testing.assert_close(with_dice["loss"], base["loss"] + 0.5 * with_dice["x0_dice"])
+    torch.testing.assert_close(with_dice["loss"], paper["loss"] + 0.5 * with_dice["x0_dice"])
+    default = MedSegDiffLoss(2)(pred, x0, anchor, label, t, x0_pred=pred)  # on, with weight 1
+    torch.testing.assert_close(default["loss"], paper["loss"] + with_dice["x0_dice"])
 
 
 def test_x0_dice_refuses_bad_settings():
@@ -48,7 +51,7 @@ def test_x0_dice_refuses_bad_settings():
     label = _label(2)
     x0 = label_to_x0(label, 2)
     with pytest.raises(ValueError, match="needs x0_pred"):
-        MedSegDiffLoss(2, x0_dice_weight=1.0)(x0, x0, x0, label, torch.zeros(2, dtype=torch.long))
+        MedSegDiffLoss(2)(x0, x0, x0, label, torch.zeros(2, dtype=torch.long))
 
 
 def test_predicted_x0_inverts_the_forward_noising_for_epsilon_prediction():

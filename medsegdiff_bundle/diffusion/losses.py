@@ -7,9 +7,11 @@
 The anchor term supervises the condition model's segmentation head; the indicator is applied per sample.
 Binary tasks use sigmoid Dice + BCE, multi-class softmax Dice + CE (MONAI ``DiceCELoss``).
 
-Optional, not in the paper: ``x0_dice_weight * Dice(p(x0_hat), label)``, a soft Dice on the diffusion model's own
-predicted clean mask decoded to probabilities (:func:`~medsegdiff_bundle.diffusion.labels.x0_to_probs`). The MSE
-alone weighs every pixel alike, so a small structure costs little; Dice scores the overlap the user is measured on.
+Added by us, on by default (``x0_dice_weight = 1``; ``0`` restores the paper's objective):
+``x0_dice_weight * Dice(p(x0_hat), label)``, a soft Dice on the diffusion model's own predicted clean mask decoded to
+probabilities (:func:`~medsegdiff_bundle.diffusion.labels.x0_to_probs`). The MSE alone weighs every pixel alike, so a
+small structure costs little; Dice scores the overlap the user is measured on. On Kvasir-SEG at a 10-minute CPU
+budget it raised the test Dice of the sampled ensemble by 0.05-0.06 in two seeds (README, section *Speed*).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class MedSegDiffLoss(nn.Module):
         beta: weight of the CE term inside the anchor loss.
         anchor_weight: overall weight of the anchor loss.
         x0_dice_weight: weight of the soft Dice on the diffusion model's predicted ``x0`` (0 = off, the paper's
-            objective). When it is on, ``forward`` needs ``x0_pred``.
+            objective). When it is on, ``forward`` needs ``x0_pred`` (:func:`diffusion_forward` passes it).
 
     ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,),
     x0_pred (B, M, *S) | None)`` returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor``
@@ -46,7 +48,7 @@ class MedSegDiffLoss(nn.Module):
         alpha: int = 1,
         beta: float = 1.0,
         anchor_weight: float = 1.0,
-        x0_dice_weight: float = 0.0,
+        x0_dice_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if alpha < 1:
