@@ -10,7 +10,8 @@
 # eat the next one. Exit status: non-zero if any stage failed; the others still run.
 #
 # Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (210: deadline of the speed/tests stages),
-# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), DDPM_CASES (10), TRAJECTORY_CASES (30:
+# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), QUALITY_LR (1e-3: MedSegDiff-V2's learning
+# rate), DDPM_CASES (10), TRAJECTORY_CASES (30:
 # Dice after every sampler step, next to the anchor's), WHEEL_DIR (.whl).
 set -uo pipefail
 
@@ -80,7 +81,8 @@ run_step() {  # run_step NAME SECONDS LOG CMD...: run CMD with a time limit, log
 }
 
 # --------------------------------------------------------------------------------------------------- stages
-speed() {  # default preset at 256^2: bf16 + channels-last (the issue's fast path), then contiguous for comparison
+speed() {  # default preset at 256^2 with the bundle's CUDA settings: bf16, default layout (channels-last measured
+           # slower on an H200: 0.573 against 0.474 s per image, benchmarks/results/speed_nvidia-h200_2026-11-26.json)
     local preset=(--preset default) tiny=() deadline=$1
     if [ "$DEVICE" = cpu ]; then  # the smoke run: the same code paths at toy sizes
         preset=(--preset small)
@@ -88,26 +90,27 @@ speed() {  # default preset at 256^2: bf16 + channels-last (the issue's fast pat
               --reference-steps-measured 2)
     fi
     run_step speed "$(($(left "$deadline") < 100 ? $(left "$deadline") : 100))" "$OUT/speed.log" \
-        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp --channels-last ${tiny[@]+"${tiny[@]}"} \
+        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp ${tiny[@]+"${tiny[@]}"} \
         --profile 1 --out "$OUT/speed.json"
 }
 
-speed_contiguous() {  # last in call 1: only with the time that is left
-    local preset=(--preset default) tiny=()
+speed_compiled() {  # the same fast path with a torch.compile-d denoiser: the H200 profile showed GroupNorm, casts
+                   # and element-wise kernels (and launch overhead) dominating, which is what compilation fuses
+    local preset=(--preset default) tiny=() limit
     if [ "$DEVICE" = cpu ]; then
         preset=(--preset small)
-        tiny=(--size 32 --train-batch 2 --train-iters 2 --train-warmup 1 --steps 2 --repeats 1
-              --reference-steps-measured 2)
+        tiny=(--size 32 --steps 2 --repeats 1 --reference-steps-measured 2)
     fi
-    run_step speed-contiguous "$(left "$1")" "$OUT/speed.log" \
-        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp ${tiny[@]+"${tiny[@]}"} \
-        --profile 1 --out "$OUT/speed_contiguous.json"
+    limit=$(left "$1")
+    [ "$limit" -gt 120 ] && limit=120  # leave the tests their time
+    run_step speed-compiled "$limit" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp --compile --skip-train ${tiny[@]+"${tiny[@]}"} \
+        --profile 1 --out "$OUT/speed_compiled.json"
 }
 
 tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels)
     local limit
-    limit=$(left "$1")
-    [ "$limit" -gt 160 ] && limit=160  # leave room for the contiguous speed run
+    limit=$(left "$1")  # last in call 1 (all 11 passed on an H200 in 116 s)
     run_step tests "$limit" "$OUT/tests.log" \
         python3 -m pytest tests/test_gpu.py -v -rs --durations=0 -p no:cacheprovider
 }
@@ -119,7 +122,9 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
         common+=(--smoke --output /tmp/quality_smoke)
     else
         common+=(--output runs/quality)
-        common+=(--minutes "$QUALITY_MINUTES")
+        # lr 1e-3 as in the CPU budget runs: at the bundle's 1e-4 the first H200 run (2 min, 649 iterations) left the
+        # model far from trained (sampled Dice 0.288 against DynUNet's 0.728)
+        common+=(--minutes "$QUALITY_MINUTES" --lr "${QUALITY_LR:-1e-3}")
     fi
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
@@ -137,22 +142,18 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
 
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        speed) speed "$CALL_SECONDS" ;;
+        speed) speed "$CALL_SECONDS"; speed_compiled "$CALL_SECONDS" ;;
         tests) tests "$CALL_SECONDS" ;;
         quality) quality "$QUALITY_SECONDS" ;;
         smoke)
             speed "$CALL_SECONDS"
+            speed_compiled "$CALL_SECONDS"
             tests "$CALL_SECONDS"
-            speed_contiguous "$CALL_SECONDS"
             quality "$QUALITY_SECONDS"
             ;;
         *) echo "unknown stage $stage (speed|tests|quality|smoke)" >&2; exit 2 ;;
     esac
 done
-# call 1's comparison run, after the tests, with whatever time is left
-if [[ " ${STAGES[*]} " == *" speed "* ]]; then
-    speed_contiguous "$CALL_SECONDS"
-fi
 
 echo
 note "summary"
@@ -160,7 +161,7 @@ printf '  %s\n' "${SUMMARY[@]}"
 python3 - "$OUT" <<'PY' || true
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-for name in ("speed.json", "speed_contiguous.json"):
+for name in ("speed.json", "speed_compiled.json"):
     p = out / name
     if p.is_file():
         r = json.loads(p.read_text())
