@@ -44,6 +44,7 @@ if str(_ROOT) not in sys.path:  # run from a source checkout without installing
 import monai  # noqa: E402
 
 from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler  # noqa: E402
+from medsegdiff_bundle.engine.fastpath import COMPILE_MODES, compile_network_calls  # noqa: E402
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
 
@@ -166,6 +167,40 @@ class CallCounter:
             self.network.__dict__.pop(name, None)
 
 
+class CountingView:
+    """Count the sampler's ``condition`` / ``denoise`` calls on whatever the inferer hands it (the network, or its
+    compiled view): counting at that level counts every call, also those that run compiled code."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.counts = {"condition": 0, "denoise": 0}
+
+    def condition(self, *args, **kwargs):
+        self.counts["condition"] += 1
+        return self.target.condition(*args, **kwargs)
+
+    def denoise(self, *args, **kwargs):
+        self.counts["denoise"] += 1
+        return self.target.denoise(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "target":
+            raise AttributeError(name)
+        return getattr(self.target, name)
+
+
+class CountingInferer(DiffusionSegInferer):
+    """The package's inferer, counting the sampler's calls on the network (or compiled view) it prepares."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.views: list[CountingView] = []
+
+    def _prepare(self, net):
+        self.views.append(CountingView(super()._prepare(net)))
+        return self.views[-1]
+
+
 def make_batch(args, network: MedSegDiffV2, batch: int, device: torch.device, generator: torch.Generator):
     """A synthetic image batch and an integer label map (a sphere/disc per sample, so every class occurs)."""
     shape = (args.size,) * args.spatial_dims
@@ -185,30 +220,37 @@ def memory_format(args) -> torch.memory_format:
 
 
 # ------------------------------------------------------------------------------------------------------ phases
-def bench_train(args, network: MedSegDiffV2, device: torch.device) -> dict:
-    """Full training step: diffusion_forward + backward + AdamW step, timed after warm-up."""
+def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -> dict:
+    """Full training step at ``batch``: diffusion_forward + backward + AdamW step, timed after warm-up. With
+    ``--compile`` the forward (and so its backward) runs through the training iteration's compiled call
+    (``compile_network_calls(forward=True)``, ``--compile-mode``); the warm-up iterations include compiling."""
     fmt = memory_format(args)
     network.to(memory_format=fmt).train()
     scheduler = make_scheduler("ddpm", args.reference_steps)
     loss_fn = MedSegDiffLoss(network.num_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
-    image, label = make_batch(args, network, args.train_batch, device, gen)
+    image, label = make_batch(args, network, batch, device, gen)
     image = image.contiguous(memory_format=fmt)
     step_gen = torch.Generator(device=device).manual_seed(args.seed)
+    model = network
+    if args.compile:
+        model = compile_network_calls(args.compile_backend, forward=True, denoise=False, mode=args.compile_mode)(network)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = diffusion_forward(network, scheduler, loss_fn, image, label, generator=step_gen)["loss"]
+            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen)["loss"]
         loss.backward()
         optimizer.step()
         return loss
 
     with MemoryMeter(device) as mem:
+        warm_start = time.perf_counter()
         for _ in range(args.train_warmup):
             step()
         sync(device)
+        warmup_s = time.perf_counter() - warm_start
         start = time.perf_counter()
         for _ in range(args.train_iters):
             loss = step()
@@ -217,12 +259,14 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device) -> dict:
     last_loss = float(loss.detach())
     optimizer.zero_grad(set_to_none=True)
     del optimizer
-    images = args.train_batch * args.train_iters
+    images = batch * args.train_iters
     voxels_per_image = args.size**args.spatial_dims
     return {
         "warmup_iters": args.train_warmup,
+        "warmup_s": warmup_s,
         "timed_iters": args.train_iters,
-        "batch": args.train_batch,
+        "batch": batch,
+        "compiled": args.compile,
         "elapsed_s": elapsed,
         "s_per_iter": elapsed / args.train_iters,
         "img_per_s": images / elapsed,
@@ -238,41 +282,35 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
     """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch."""
     fmt = memory_format(args)
     network.to(memory_format=fmt).eval()
-    if args.compile:
-        network.denoise = torch.compile(network.denoise)  # instance attribute: the sampler calls network.denoise
-    counter = CallCounter(network)
-    # channels_last is also the inferer's own switch, as in the bundle (the network and image are converted above,
-    # so it only hands the output back in the default layout); the warm-up inferer has the same shapes: it warms up
-    # kernels (and compilation)
-    options = {"ensemble": args.ensemble, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last}
-    inferer = DiffusionSegInferer("dpmpp", steps=args.steps, **options)
-    warm_inferer = DiffusionSegInferer("dpmpp", steps=min(2, args.steps), **options)
+    # channels_last and compile are the inferer's own switches, as in the bundle (the network and image are
+    # converted above, so channels_last only hands the output back in the default layout). The warm-up calls are
+    # full calls of the same inferer: kernels, compilation and CUDA-graph recording are then behind us
+    options = {"ensemble": args.ensemble, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last,
+               "compile": args.compile, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode}
+    inferer = CountingInferer("dpmpp", steps=args.steps, **options)
     gen = torch.Generator().manual_seed(args.seed + 1)
     image, _ = make_batch(args, network, args.sample_batch, device, gen)
     image = image.contiguous(memory_format=fmt)
-    try:
-        with torch.no_grad():
-            warm_start = time.perf_counter()
-            for _ in range(args.sample_warmup):
-                warm_inferer(image, network)
-            sync(device)
-            warmup_s = time.perf_counter() - warm_start
-            counter.reset()
-            times = []
-            with MemoryMeter(device) as mem:
-                for _ in range(args.repeats):
-                    sync(device)
-                    start = time.perf_counter()
-                    out = inferer(image, network)
-                    sync(device)
-                    times.append(time.perf_counter() - start)
-            counts = dict(counter.counts)  # of the timed calls only
-            profile = None
-            if args.profile > 0:  # after the timed calls, so that the profiler's overhead stays out of them
-                profile = profile_ops(lambda: inferer(image, network), device, args.profile)
-        finite = bool(torch.isfinite(out).all())
-    finally:
-        counter.remove()  # also drops the compiled denoiser: the reference mode runs eager
+    with torch.no_grad():
+        warm_start = time.perf_counter()
+        for _ in range(args.sample_warmup):
+            inferer(image, network)
+        sync(device)
+        warmup_s = time.perf_counter() - warm_start
+        inferer.views.clear()
+        times = []
+        with MemoryMeter(device) as mem:
+            for _ in range(args.repeats):
+                sync(device)
+                start = time.perf_counter()
+                out = inferer(image, network)
+                sync(device)
+                times.append(time.perf_counter() - start)
+        counts = {k: sum(v.counts[k] for v in inferer.views) for k in ("condition", "denoise")}  # of the timed calls only
+        profile = None
+        if args.profile > 0:  # after the timed calls, so that the profiler's overhead stays out of them
+            profile = profile_ops(lambda: inferer(image, network), device, args.profile)
+    finite = bool(torch.isfinite(out).all())
     calls = args.repeats
     latency = statistics.median(times) / args.sample_batch
     return {
@@ -283,6 +321,7 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
         "amp_bf16": args.amp,
         "channels_last": args.channels_last,
         "compiled_denoiser": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "warmup_calls": args.sample_warmup,
         "warmup_s": warmup_s,
         "repeats": args.repeats,
@@ -364,6 +403,14 @@ def bench_reference(args, network: MedSegDiffV2, device: torch.device) -> dict:
     }
 
 
+def pick_train_run(runs: list[dict], mem_limit_gb: float) -> dict:
+    """The fastest run whose peak memory is within ``mem_limit_gb`` (else the least memory-hungry one), marked with
+    ``within_mem_limit``; the rule the issue's target states (throughput at <= 12 GB)."""
+    within = [r for r in runs if r["peak_mem_gb"] <= mem_limit_gb]
+    best = max(within, key=lambda r: r["img_per_s"]) if within else min(runs, key=lambda r: r["peak_mem_gb"])
+    return {**best, "within_mem_limit": bool(within), "mem_limit_gb": mem_limit_gb}
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,18 +429,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=1, help="images per sampling call (latency is per image)")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls (the median is reported)")
     p.add_argument("--sample-warmup", type=int, default=None,
-                   help="untimed 2-step sampling calls before timing (default 1; 3 with --compile)")
+                   help="untimed sampling calls before timing (default 1; 3 with --compile: compiling, then recording "
+                        "CUDA graphs in the reduce-overhead mode)")
     p.add_argument("--reference-steps", type=int, default=1000, help="DDPM steps of the reference mode (T)")
     p.add_argument("--reference-steps-measured", type=int, default=10,
                    help="steps of one member timed in the reference mode before extrapolating")
     p.add_argument("--reference-warmup-steps", type=int, default=1, help="untimed reference steps before timing")
     p.add_argument("--reference-full", action="store_true",
                    help="run the reference mode completely (reference_steps x ensemble steps; meant for GPUs)")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch (default 8 in 2D, 2 in 3D)")
+    p.add_argument("--train-batch", type=int, nargs="+", default=None,
+                   help="training batch, or several to measure each (default 8 in 2D, 2 in 3D); the result's "
+                        "train_img_per_s is the fastest of them whose peak memory is within --train-mem-limit-gb")
+    p.add_argument("--train-mem-limit-gb", type=float, default=12.0,
+                   help="peak-memory limit of the reported training batch (the issue's target: 12 GB)")
     p.add_argument("--train-iters", type=int, default=20, help="timed training iterations")
     p.add_argument("--train-warmup", type=int, default=3, help="untimed training iterations before timing")
     p.add_argument("--skip-train", action="store_true", help="skip the training phase")
-    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser of the fast path")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the fast path's denoiser (the inferer's compile switch) and the training forward "
+                        "(the training iteration's)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="inductor mode; reduce-overhead replays CUDA graphs")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -405,9 +462,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sample_warmup = 3 if args.compile else 1
     for key, value in DIM_DEFAULTS[args.spatial_dims].items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, [value] if key == "train_batch" else value)
     positive = ("size", "ensemble", "steps", "sample_batch", "repeats", "reference_steps", "reference_steps_measured",
-                "train_batch", "train_iters")
+                "train_iters")
+    if min(args.train_batch) < 1:
+        p.error("--train-batch must be >= 1")
     for key in positive:
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -439,9 +498,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--size {args.size} must be a multiple of {network.divisor} for this preset")
     n_params = sum(p.numel() for p in network.parameters())
 
-    phases: dict[str, dict] = {}
+    phases: dict = {}
     if not args.skip_train:  # first, so that the CPU peak-RSS growth is attributable to it
-        phases["train"] = bench_train(args, network, device)
+        if args.compile and len(args.train_batch) > 1:
+            # one static graph per batch size (after a second shape dynamo would otherwise switch to a dynamic-shape
+            # graph, which is not what a training run with one batch size gets)
+            torch._dynamo.config.automatic_dynamic_shapes = False
+        runs = [bench_train(args, network, device, batch) for batch in args.train_batch]
+        phases["train"] = pick_train_run(runs, args.train_mem_limit_gb)
+        if len(runs) > 1:
+            phases["train_by_batch"] = runs
     network.zero_grad(set_to_none=True)
     phases["fast"] = bench_fast(args, network, device)
     phases["reference"] = bench_reference(args, network, device)
@@ -502,7 +568,8 @@ def print_table(result: dict, args) -> None:
     shape = "x".join([str(s)] * dims)
     ph = result["phases"]
     ref, fast = ph["reference"], ph["fast"]
-    opts = [o for o, on in (("bf16", args.amp), ("channels-last", args.channels_last), ("compile", args.compile)) if on]
+    opts = [o for o, on in (("bf16", args.amp), ("channels-last", args.channels_last),
+                            (f"compile {args.compile_mode}", args.compile)) if on]
     rows = [
         ("device", result["device"]),
         ("model", f"preset {args.preset}, {result['settings']['parameter_count'] / 1e6:.1f} M parameters, {dims}D {shape}"),
@@ -510,8 +577,10 @@ def print_table(result: dict, args) -> None:
     if "train" in ph:
         tr = ph["train"]
         unit = f"{tr['img_per_s']:.2f} img/s" if dims == 2 else f"{tr['voxels_per_s'] / 1e6:.2f} Mvoxel/s ({tr['img_per_s']:.3f} patch/s)"
+        for run in ph.get("train_by_batch", []):
+            rows.append((f"  train batch {run['batch']}", f"{run['img_per_s']:.2f} img/s, {run['peak_mem_gb']:.2f} GB"))
         rows += [
-            (f"train throughput (batch {tr['batch']})", unit),
+            (f"train throughput (batch {tr['batch']}{', compiled' if tr['compiled'] else ''})", unit),
             ("train peak memory", f"{tr['peak_mem_gb']:.3f} GB [{tr['peak_mem_kind']}]"),
         ]
     rows += [

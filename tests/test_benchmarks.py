@@ -89,6 +89,39 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
 
 
+@pytest.mark.slow
+def test_speed_benchmark_compiled_with_several_training_batches(tmp_path):
+    """--compile reaches both the training forward and the inferer's denoiser (traced by aot_eager here; the mode is
+    inductor's and only recorded), the calls are still counted through the compiled view, and of several training
+    batches the fastest one within the memory limit is the reported one."""
+    steps = 2
+    result = _run(
+        tmp_path, "compiled", "--size", "32", "--train-batch", "2", "3", "--train-iters", "2", "--train-warmup", "1",
+        "--steps", str(steps), "--repeats", "1", "--reference-steps-measured", "2", "--compile",
+        "--compile-backend", "aot_eager", "--compile-mode", "reduce-overhead",
+    )
+    runs = result["phases"]["train_by_batch"]
+    assert [r["batch"] for r in runs] == [2, 3] and all(r["compiled"] and r["loss_finite"] for r in runs)
+    chosen = result["phases"]["train"]
+    within = [r for r in runs if r["peak_mem_gb"] <= 12.0]
+    assert chosen["within_mem_limit"] and chosen["img_per_s"] == max(r["img_per_s"] for r in within)
+    assert result["train_img_per_s_32"] == chosen["img_per_s"]
+    fast = result["phases"]["fast"]
+    assert fast["compiled_denoiser"] and fast["compile_mode"] == "reduce-overhead"
+    assert fast["condition_calls"] == fast["sampling_calls"] == 1 and fast["denoise_calls"] == steps
+
+
+def test_speed_benchmark_reports_the_least_memory_when_no_batch_fits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import pick_train_run
+
+    runs = [{"batch": 8, "img_per_s": 70.0, "peak_mem_gb": 5.1}, {"batch": 32, "img_per_s": 150.0, "peak_mem_gb": 19.0}]
+    assert pick_train_run(runs, 12.0)["batch"] == 8
+    assert pick_train_run(runs, 24.0)["batch"] == 32 and pick_train_run(runs, 24.0)["within_mem_limit"]
+    none_fit = pick_train_run(runs, 4.0)
+    assert none_fit["batch"] == 8 and none_fit["within_mem_limit"] is False
+
+
 @pytest.mark.parametrize("name, kind", [
     ("aten::mkldnn_convolution", "convolution"), ("sm90_xmma_fprop_implicit_gemm_bf16", "convolution"),
     ("aten::native_group_norm", "normalization"), ("void at::native::(anonymous)::RowwiseMomentsCUDAKernel", "normalization"),

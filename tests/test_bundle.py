@@ -296,6 +296,19 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_iterations_and_at_epo
     assert optimizer_steps < ckpt["trainer"]["iteration"]
 
 
+def test_compile_mode_reaches_the_training_iteration_and_every_sampling_inferer(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 4, (32, 32), seed=13)
+    train = workflow("train", "train", tmp_path, **TRAIN_2D, compile=True, compile_mode="reduce-overhead")
+    assert train.parser.get_parsed_content("train#iteration").compile_mode == "reduce-overhead"
+    assert train.parser.get_parsed_content("validate#inferer").compile_mode == "reduce-overhead"
+    for config in ("inference", "evaluate"):
+        wf = workflow(config, "infer", tmp_path, **INFER_2D, compile_mode="reduce-overhead")
+        assert wf.parser.get_parsed_content("inferer").compile_mode == "reduce-overhead", config
+    with pytest.raises(RuntimeError) as err:  # MONAI names the component; the cause names the key
+        workflow("inference", "infer", tmp_path, **INFER_2D, compile_mode="fast").parser.get_parsed_content("inferer")
+    assert "compile_mode must be one of" in str(err.value.__cause__) and "'fast'" in str(err.value.__cause__)
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_channels_last_and_compile_keep_checkpoints_those_of_the_plain_network(tmp_path):
     """--channels_last true --compile true (the cheap "aot_eager" backend here; "inductor" by default) trains, saves

@@ -9,8 +9,16 @@ from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 
-from medsegdiff_bundle.diffusion import MedSegDiffLoss, make_scheduler
-from medsegdiff_bundle.engine import DiffusionTrainIteration, EMAModel, to_channels_last
+from medsegdiff_bundle.diffusion import DiffusionSampler, MedSegDiffLoss, make_scheduler
+from medsegdiff_bundle.engine import (
+    COMPILE_MODES,
+    CompiledNetwork,
+    DiffusionSegInferer,
+    DiffusionTrainIteration,
+    EMAModel,
+    compile_network_calls,
+    to_channels_last,
+)
 from tests.helpers import synthetic_batch, tiny_model
 
 
@@ -87,3 +95,51 @@ def test_training_iteration_hands_the_network_plain_tensors():
     seen: list = []
     _train(iterations=1, seen_inputs=seen)
     assert seen == [torch.Tensor]
+
+
+class _ReplayedDenoise:
+    """What a CUDA-graph replay does with its outputs: every call writes into the same static buffer."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, network: torch.nn.Module, *args) -> torch.Tensor:
+        out = network.denoise(*args)
+        if self.buffer is None:
+            self.buffer = torch.empty_like(out)
+        return self.buffer.copy_(out)
+
+
+def test_cudagraph_view_copies_each_denoiser_output_out_of_the_replayed_buffer(monkeypatch):
+    """DPM-Solver++ keeps the previous step's x0 (the raw output of an x0-predicting network); a replay that
+    overwrites it silently turns the 2nd-order solver into something else. The cudagraph view must prevent that and
+    start a new CUDA-graph step before every call."""
+    torch.manual_seed(0)
+    net = tiny_model().eval()
+    image = torch.randn(1, 3, 16, 16)
+    # unclipped, the solver keeps the network's own output tensor (clipping would make a new one)
+    sampler = DiffusionSampler("dpmpp", steps=4, ensemble=2, seed=0, clip_sample=False)
+    eager = sampler(net, image).members
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    aliased = sampler(CompiledNetwork(net, denoise=_ReplayedDenoise(), cudagraphs=False), image).members
+    assert not marks
+    copied = sampler(CompiledNetwork(net, denoise=_ReplayedDenoise(), cudagraphs=True), image).members
+    assert len(marks) == 4  # one graph step per sampler step
+    assert torch.allclose(copied, eager, atol=1e-6)
+    assert (aliased - eager).abs().max() > 1e-3  # what the copy is for
+
+
+def test_compile_mode_is_checked_where_it_is_set():
+    assert COMPILE_MODES[0] == "default" and "reduce-overhead" in COMPILE_MODES
+    for build in (
+        lambda mode: DiffusionSegInferer(compile=True, compile_mode=mode),
+        lambda mode: DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile_mode=mode),
+        lambda mode: compile_network_calls("inductor", mode=mode),
+    ):
+        with pytest.raises(ValueError, match="reduce_overhead"):
+            build("reduce_overhead")
+    # graphs are only replayed by inductor's cudagraph modes; another backend ignores the mode
+    assert compile_network_calls("inductor", mode="reduce-overhead")(tiny_model())._cudagraphs
+    assert not compile_network_calls("inductor")(tiny_model())._cudagraphs
+    assert not compile_network_calls("aot_eager", mode="reduce-overhead")(tiny_model())._cudagraphs

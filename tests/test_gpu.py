@@ -165,14 +165,18 @@ def test_training_iteration_with_amp_gives_a_finite_loss(channels_last):
 
 # ---------------------------------------------------------------------------------- (d) torch.compile vs eager
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_compiled_denoiser_matches_eager_and_compiles_once():
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_denoiser_matches_eager_and_compiles_once(mode):
+    """Inductor, with and without CUDA-graph replay: the same probabilities, one graph for all steps and calls
+    (a replayed output read after the next replay would raise here; test_fastpath checks the copy that prevents it)."""
     from torch._dynamo.utils import counters
 
     net = _untrained()
     image = torch.randn(2, 3, 32, 32, device=_device())
-    eager = DiffusionSegInferer("dpmpp", steps=5, ensemble=2, seed=0)(image, net)
+    options = {"steps": 5, "ensemble": 2, "seed": 0}
+    eager = DiffusionSegInferer("dpmpp", **options)(image, net)
     counters.clear()
-    inferer = DiffusionSegInferer("dpmpp", steps=5, ensemble=2, seed=0, compile=True)  # inductor
+    inferer = DiffusionSegInferer("dpmpp", **options, compile=True, compile_mode=mode)  # inductor
     first = inferer(image, net)
     second = inferer(image, net)
     assert counters["stats"]["unique_graphs"] == 1  # compiled on the first call, reused by every later step/call
@@ -191,3 +195,36 @@ def test_compiled_bf16_channels_last_fast_path_agrees_with_eager(trained):
     compiled = DiffusionSegInferer("dpmpp", **options, compile=True)(image, compiled_model)
     assert float((compiled - eager).abs().mean()) < 0.02
     assert _agreement(compiled, eager) > 0.98
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_training_with_cuda_graph_replay_follows_the_eager_losses_and_weights():
+    """compile_mode="reduce-overhead" in the training iteration: forward and backward replayed as CUDA graphs give
+    the eager run's losses and updated weights over several iterations (fp32, so only inductor's rounding differs)."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from tests.helpers import synthetic_batch
+
+    image, label = synthetic_batch(8, 32, seed=7)
+    batches = [{"image": image[2 * i: 2 * i + 2], "label": label[2 * i: 2 * i + 2]} for i in range(4)]
+
+    def run(**options) -> tuple[torch.nn.Module, list[float]]:
+        torch.manual_seed(0)
+        net = MedSegDiffV2(2, 3, 2, channels=(8, 16, 32)).to(_device())
+        iteration = DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), seed=3, **options)
+        trainer = SupervisedTrainer(
+            device=_device(), max_epochs=1, train_data_loader=batches, network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.05), loss_function=MedSegDiffLoss(2),
+            iteration_update=iteration, amp=False, decollate=False,
+        )
+        losses: list[float] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+        trainer.run()
+        return net, losses
+
+    eager, eager_losses = run()
+    graphed, graphed_losses = run(compile=True, compile_mode="reduce-overhead")
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-4)
+    for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-4), name

@@ -9,20 +9,21 @@
 # call under $OUT (what the device tool brings back); each stage has its own time limit so that a slow stage cannot
 # eat the next one. Exit status: non-zero if any stage failed; the others still run.
 #
-# Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (210: deadline of the speed/tests stages),
-# QUALITY_SECONDS (500), QUALITY_MINUTES (2: training budget per model), QUALITY_LR (1e-3: MedSegDiff-V2's learning
-# rate), DDPM_CASES (10), TRAJECTORY_CASES (30:
-# Dice after every sampler step, next to the anchor's), WHEEL_DIR (.whl).
+# Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (300: deadline of the speed/tests stages),
+# TESTS_K (pytest -k of the tests stage; empty: all), QUALITY_SECONDS (450), QUALITY_MINUTES (2: training budget per
+# model), QUALITY_LR (1e-3: MedSegDiff-V2's learning rate), QUALITY_BATCH (8: both models), DDPM_CASES (5: DDPM-1000
+# takes about 1000 x 20 ms per case eagerly), TRAJECTORY_CASES (30: Dice after every sampler step, next to the
+# anchor's), WHEEL_DIR (.whl).
 set -uo pipefail
 
 STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || { echo "usage: run.sh speed|tests|quality|smoke ..." >&2; exit 2; }
 : "${OUT:?set OUT to the folder whose files come back}"
 DEVICE="${DEVICE:-cuda}"
-CALL_SECONDS="${CALL_SECONDS:-210}"
-QUALITY_SECONDS="${QUALITY_SECONDS:-500}"
+CALL_SECONDS="${CALL_SECONDS:-300}"
+QUALITY_SECONDS="${QUALITY_SECONDS:-450}"
 QUALITY_MINUTES="${QUALITY_MINUTES:-2}"
-DDPM_CASES="${DDPM_CASES:-10}"
+DDPM_CASES="${DDPM_CASES:-5}"
 TRAJECTORY_CASES="${TRAJECTORY_CASES:-30}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
 export PYTHONUNBUFFERED=1
@@ -33,6 +34,7 @@ SUMMARY=()
 
 note() { echo "[run.sh $((SECONDS - START))s] $*"; }
 left() { echo $(($1 - (SECONDS - START))); }  # seconds left before deadline $1 (seconds since start)
+cap() { local l; l=$(left "$1"); echo $((l < $2 ? l : $2)); }  # seconds left before deadline $1, at most $2
 
 # ---------------------------------------------------------------------------------------------------- setup
 # The carried wheels go to /tmp/site (kept between calls while the machine stays warm: installed once).
@@ -81,38 +83,39 @@ run_step() {  # run_step NAME SECONDS LOG CMD...: run CMD with a time limit, log
 }
 
 # --------------------------------------------------------------------------------------------------- stages
-speed() {  # default preset at 256^2 with the bundle's CUDA settings: bf16, default layout (channels-last measured
-           # slower on an H200: 0.573 against 0.474 s per image, benchmarks/results/speed_nvidia-h200_2026-11-26.json)
-    local preset=(--preset default) tiny=() deadline=$1
-    if [ "$DEVICE" = cpu ]; then  # the smoke run: the same code paths at toy sizes
-        preset=(--preset small)
-        tiny=(--size 32 --train-batch 2 --train-iters 2 --train-warmup 1 --steps 2 --repeats 1
-              --reference-steps-measured 2)
+speed() {  # call 1. Three runs of speed.py on the default preset at 256^2 with the bundle's CUDA settings (bf16,
+           # default layout: channels-last measured slower on an H200, 0.573 against 0.474 s per image):
+           #   speed.json           eager; training at batches 8, 16, 32 (reported: the fastest within 12 GB); profile
+           #   speed_graphs.json    the inferer's compile_mode="reduce-overhead" (inductor + CUDA-graph replay): the
+           #                        H200 profile showed the GPU idle 40 % of an eager call between small kernels. No
+           #                        profile here, so that a profiler problem with graphs cannot cost the numbers
+           #   speed_compiled.json  compile_mode="default" for the fast path and the training forward (batch 24: one
+           #                        compilation of forward + backward), profiled
+    local deadline=$1 base=(--preset default --device "$DEVICE" --amp) batches=(8 16 32) cbatches=(24)
+    local more=(--repeats 10 --reference-steps-measured 40)
+    if [ "$DEVICE" = cpu ]; then  # the smoke run: the same code paths at toy sizes (aot_eager: no C++ compiler needed)
+        base=(--preset small --device cpu --amp --size 32 --compile-backend aot_eager)
+        batches=(2 3) cbatches=(2)
+        more=(--train-iters 2 --train-warmup 1 --steps 2 --repeats 1 --reference-steps-measured 2)
     fi
-    run_step speed "$(($(left "$deadline") < 100 ? $(left "$deadline") : 100))" "$OUT/speed.log" \
-        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp ${tiny[@]+"${tiny[@]}"} \
-        --profile 1 --out "$OUT/speed.json"
+    run_step speed "$(cap "$deadline" 100)" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${base[@]}" "${more[@]}" --train-batch "${batches[@]}" --profile 1 \
+        --out "$OUT/speed.json"
+    run_step speed-graphs "$(cap "$deadline" 120)" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${base[@]}" "${more[@]}" --compile --compile-mode reduce-overhead --skip-train \
+        --out "$OUT/speed_graphs.json"
+    run_step speed-compiled "$(cap "$deadline" 170)" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${base[@]}" "${more[@]}" --compile --compile-mode default \
+        --train-batch "${cbatches[@]}" --profile 1 --out "$OUT/speed_compiled.json"
 }
 
-speed_compiled() {  # the same fast path with a torch.compile-d denoiser: the H200 profile showed GroupNorm, casts
-                   # and element-wise kernels (and launch overhead) dominating, which is what compilation fuses
-    local preset=(--preset default) tiny=() limit
-    if [ "$DEVICE" = cpu ]; then
-        preset=(--preset small)
-        tiny=(--size 32 --steps 2 --repeats 1 --reference-steps-measured 2)
-    fi
-    limit=$(left "$1")
-    [ "$limit" -gt 120 ] && limit=120  # leave the tests their time
-    run_step speed-compiled "$limit" "$OUT/speed.log" \
-        python3 benchmarks/speed.py "${preset[@]}" --device "$DEVICE" --amp --compile --skip-train ${tiny[@]+"${tiny[@]}"} \
-        --profile 1 --out "$OUT/speed_compiled.json"
-}
-
-tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels)
-    local limit
+tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels).
+           # TESTS_K selects some (pytest -k), e.g. the compile tests after a change to the compiled path only
+    local limit k=()
     limit=$(left "$1")  # last in call 1 (all 11 passed on an H200 in 116 s)
+    [ -n "${TESTS_K:-}" ] && k=(-k "$TESTS_K")
     run_step tests "$limit" "$OUT/tests.log" \
-        python3 -m pytest tests/test_gpu.py -v -rs --durations=0 -p no:cacheprovider
+        python3 -m pytest tests/test_gpu.py -v -rs --durations=0 -p no:cacheprovider ${k[@]+"${k[@]}"}
 }
 
 quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test split; then DDPM-1000 on DDPM_CASES
@@ -124,7 +127,7 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
         common+=(--output runs/quality)
         # lr 1e-3 as in the CPU budget runs: at the bundle's 1e-4 the first H200 run (2 min, 649 iterations) left the
         # model far from trained (sampled Dice 0.288 against DynUNet's 0.728)
-        common+=(--minutes "$QUALITY_MINUTES" --lr "${QUALITY_LR:-1e-3}")
+        common+=(--minutes "$QUALITY_MINUTES" --lr "${QUALITY_LR:-1e-3}" --batch-size "${QUALITY_BATCH:-8}")
     fi
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
@@ -142,12 +145,11 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
 
 for stage in "${STAGES[@]}"; do
     case "$stage" in
-        speed) speed "$CALL_SECONDS"; speed_compiled "$CALL_SECONDS" ;;
+        speed) speed "$CALL_SECONDS" ;;
         tests) tests "$CALL_SECONDS" ;;
         quality) quality "$QUALITY_SECONDS" ;;
         smoke)
             speed "$CALL_SECONDS"
-            speed_compiled "$CALL_SECONDS"
             tests "$CALL_SECONDS"
             quality "$QUALITY_SECONDS"
             ;;
@@ -161,15 +163,18 @@ printf '  %s\n' "${SUMMARY[@]}"
 python3 - "$OUT" <<'PY' || true
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-for name in ("speed.json", "speed_compiled.json"):
+for name in ("speed.json", "speed_graphs.json", "speed_compiled.json"):
     p = out / name
     if p.is_file():
         r = json.loads(p.read_text())
         s = r["settings"]
         print(f"  {name}: {r['device']}: fast path {r['ensemble_latency_s']:.4f} s/image (ensemble {s['ensemble']}, "
-              f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}), reference "
+              f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}, "
+              f"compile={s['compile_mode'] if s['compile'] else False}), reference "
               f"{r['reference_latency_s']:.2f} s/image, speed-up {r['speedup']:.0f}x, "
               f"training {r.get('train_img_per_s', float('nan')):.1f} img/s, peak {r.get('train_peak_mem_gb', 0):.2f} GB")
+        for run in r["phases"].get("train_by_batch", []):
+            print(f"    train batch {run['batch']}: {run['img_per_s']:.1f} img/s at {run['peak_mem_gb']:.2f} GB")
         prof = r["phases"]["fast"].get("profile")
         if prof:
             print("    fast-path time by kind: " + ", ".join(f"{k} {v['percent']:.0f}%" for k, v in prof["by_kind"].items()))

@@ -2,7 +2,7 @@
 
 from .checkpoint import atomic_save, load_checkpoint
 from .ema import EMAModel, unwrap_model
-from .fastpath import CompiledNetwork, channels_last_format, compile_network_calls, to_channels_last
+from .fastpath import COMPILE_MODES, CompiledNetwork, channels_last_format, compile_network_calls, to_channels_last
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
 from .handlers import MetricsTableHandler, TimeBudgetHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
 from .inferer import DiffusionSegInferer
@@ -11,6 +11,7 @@ from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
 __all__ = [
     "BUNDLE_CONFIGS",
+    "COMPILE_MODES",
     "CompiledNetwork",
     "DiffusionSegInferer",
     "DiffusionTrainIteration",

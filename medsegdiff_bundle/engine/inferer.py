@@ -24,7 +24,7 @@ from monai.inferers import Inferer, sliding_window_inference
 from ..diffusion.sampler import DiffusionSampler
 from ..utils import as_bool
 from .ema import unwrap_model
-from .fastpath import channels_last_format, compile_network_calls, to_channels_last
+from .fastpath import channels_last_format, check_compile_mode, compile_network_calls, to_channels_last
 
 __all__ = ["DiffusionSegInferer"]
 
@@ -64,6 +64,9 @@ class DiffusionSegInferer(Inferer):
             seconds to minutes longer.
         compile_backend: the ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler)
             or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
+        compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`): ``"default"``, or
+            ``"reduce-overhead"`` to replay each denoiser call as a CUDA graph (CUDA; removes the kernel-launch gaps
+            that dominate a small model's step; the output is copied out of the graph's buffers every step).
         round_x0: let each solver step continue from the most probable clean mask rather than the soft prediction
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); x0-prediction models only.
         anchor_weight: weight in ``[0, 1]`` of the condition model's segmentation blended into the fused ensemble
@@ -95,6 +98,7 @@ class DiffusionSegInferer(Inferer):
         channels_last: bool = False,
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
+        compile_mode: str = "default",
         round_x0: bool = False,
         anchor_weight: float = 0.0,
     ) -> None:
@@ -111,6 +115,7 @@ class DiffusionSegInferer(Inferer):
         self.channels_last = as_bool(channels_last, "channels_last")
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
+        self.compile_mode = check_compile_mode(compile_mode)
         # networks already converted to channels-last (weak: the inferer must not keep a network alive)
         self._channels_last_done: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._compiled: Callable | None = None  # view factory, built on first use (compiling is lazy anyway)
@@ -127,7 +132,8 @@ class DiffusionSegInferer(Inferer):
         if not self.compile:
             return net
         if self._compiled is None:
-            self._compiled = compile_network_calls(self.compile_backend, forward=False, denoise=True)
+            self._compiled = compile_network_calls(self.compile_backend, forward=False, denoise=True,
+                                                   mode=self.compile_mode)
         return self._compiled(net)
 
     def _sample(self, network: Any, inputs: torch.Tensor) -> torch.Tensor:

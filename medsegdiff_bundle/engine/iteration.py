@@ -18,7 +18,7 @@ from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
 from ..utils import as_bool
 from .ema import EMAModel
-from .fastpath import channels_last_format, compile_network_calls
+from .fastpath import channels_last_format, check_compile_mode, compile_network_calls
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler"]
 
@@ -51,6 +51,8 @@ class DiffusionTrainIteration:
             module is not modified, so checkpoints, the EMA copy and ``state_dict`` keys are those of the plain
             network. A DDP-wrapped network is called through DDP's forward, so gradients are still synchronised.
         compile_backend: the ``torch.compile`` backend, ``"inductor"`` (default) or e.g. ``"aot_eager"``.
+        compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`); ``"reduce-overhead"``
+            replays forward and backward as CUDA graphs (CUDA only; costs the graphs' static memory).
         timestep_power: shape of the training timestep distribution, density ``~ t ** (power - 1)`` (1 = uniform;
             see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
 
@@ -71,6 +73,7 @@ class DiffusionTrainIteration:
         channels_last: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
+        compile_mode: str = "default",
         timestep_power: float = 1.0,
     ) -> None:
         if amp_dtype not in _AMP_DTYPES:
@@ -83,7 +86,10 @@ class DiffusionTrainIteration:
         self.channels_last = as_bool(channels_last, "channels_last")
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
-        self._compiled = compile_network_calls(compile_backend, forward=True, denoise=False) if self.compile else None
+        self.compile_mode = check_compile_mode(compile_mode)
+        self._compiled = (
+            compile_network_calls(compile_backend, forward=True, denoise=False, mode=compile_mode) if self.compile else None
+        )
         if not float(timestep_power) > 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
         self.timestep_power = float(timestep_power)
