@@ -33,6 +33,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_
 from medsegdiff_bundle.engine.fastpath import COMPILE_MODES, compile_network_calls  # noqa: E402
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
+from medsegdiff_bundle.networks.blocks import GroupNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from op_profile import profile_ops  # noqa: E402
@@ -278,8 +280,9 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     }
 
 
-def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
-    """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch."""
+def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> tuple[dict, Callable[[], torch.Tensor]]:
+    """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch.
+    Returns the timings and a function making one more call of the same (warm, compiled) inferer, for profiling."""
     fmt = memory_format(args)
     network.to(memory_format=fmt).eval()
     # channels_last and compile are the inferer's own switches, as in the bundle (the network and image are
@@ -307,9 +310,6 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
                 sync(device)
                 times.append(time.perf_counter() - start)
         counts = {k: sum(v.counts[k] for v in inferer.views) for k in ("condition", "denoise")}  # of the timed calls only
-        profile = None
-        if args.profile > 0:  # after the timed calls, so that the profiler's overhead stays out of them
-            profile = profile_ops(lambda: inferer(image, network), device, args.profile)
     finite = bool(torch.isfinite(out).all())
     calls = args.repeats
     latency = statistics.median(times) / args.sample_batch
@@ -335,8 +335,7 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> dict:
         "peak_mem_gb": mem.gb,
         "peak_mem_kind": mem.kind,
         "output_finite": finite,
-        **({"profile": profile} if profile is not None else {}),
-    }
+    }, lambda: inferer(image, network)
 
 
 def bench_reference(args, network: MedSegDiffV2, device: torch.device) -> dict:
@@ -453,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
+    p.add_argument("--fp32-norm", action="store_true",
+                   help="plain nn.GroupNorm instead of the package's (CUDA autocast then runs it in fp32, as before "
+                        "0.3.0): the comparison behind medsegdiff_bundle.networks.blocks.GroupNorm")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N fast-path calls (torch.profiler): time by operator kind and the top operators")
@@ -494,33 +496,23 @@ def main(argv: list[str] | None = None) -> dict:
         ).to(device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    if args.fp32_norm:  # the A/B of GroupNorm under autocast: torch's own module, which CUDA autocast runs in fp32
+        for module in network.modules():
+            if isinstance(module, GroupNorm):
+                module.__class__ = torch.nn.GroupNorm
     if args.size % network.divisor:
         raise SystemExit(f"--size {args.size} must be a multiple of {network.divisor} for this preset")
     n_params = sum(p.numel() for p in network.parameters())
 
-    phases: dict = {}
-    if not args.skip_train:  # first, so that the CPU peak-RSS growth is attributable to it
-        if args.compile and len(args.train_batch) > 1:
-            # one static graph per batch size (after a second shape dynamo would otherwise switch to a dynamic-shape
-            # graph, which is not what a training run with one batch size gets)
-            torch._dynamo.config.automatic_dynamic_shapes = False
-        runs = [bench_train(args, network, device, batch) for batch in args.train_batch]
-        phases["train"] = pick_train_run(runs, args.train_mem_limit_gb)
-        if len(runs) > 1:
-            phases["train_by_batch"] = runs
-    network.zero_grad(set_to_none=True)
-    phases["fast"] = bench_fast(args, network, device)
-    phases["reference"] = bench_reference(args, network, device)
-
-    fast, ref = phases["fast"], phases["reference"]
-    s, n = args.size, args.ensemble
+    out = args.out or default_out(device, date)
+    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update({
         "channels": list(preset["channels"]),
         "condition_channels": list(args.condition_channels or preset["channels"]),
         "num_res_blocks": preset["num_res_blocks"],
         "parameter_count": n_params,
-        "input_shape": [args.in_channels] + [s] * args.spatial_dims,
+        "input_shape": [args.in_channels] + [args.size] * args.spatial_dims,
         "torch_num_threads": torch.get_num_threads(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -535,15 +527,58 @@ def main(argv: list[str] | None = None) -> dict:
         "date": date,
         "timestamp": now.isoformat(timespec="seconds"),
         "settings": settings,
-        # size-independent keys
-        "ensemble_latency_s": fast["latency_per_image_s"],
-        "reference_latency_s": ref["latency_per_image_s"],
-        "reference_extrapolated": ref["extrapolated"],
-        "speedup": ref["latency_per_image_s"] / fast["latency_per_image_s"],
-        # keys naming the measured size and ensemble (e.g. ensemble5_latency_s_256)
-        f"ensemble{n}_latency_s_{s}": fast["latency_per_image_s"],
-        f"reference_latency_s_{s}": ref["latency_per_image_s"],
+        "complete": False,
+        "phases": {},
     }
+    phases = result["phases"]
+
+    def checkpoint(name: str) -> None:
+        """Write what is measured so far: a run cut short (a device call's time limit) keeps its finished phases."""
+        summarize(result, args)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[speed.py] {name} done, written to {out}", flush=True)
+
+    if not args.skip_train:  # first, so that the CPU peak-RSS growth is attributable to it
+        if args.compile and len(args.train_batch) > 1:
+            # one static graph per batch size (after a second shape dynamo would otherwise switch to a dynamic-shape
+            # graph, which is not what a training run with one batch size gets)
+            torch._dynamo.config.automatic_dynamic_shapes = False
+        runs = []
+        for batch in args.train_batch:
+            runs.append(bench_train(args, network, device, batch))
+            phases["train"] = pick_train_run(runs, args.train_mem_limit_gb)
+            if len(args.train_batch) > 1:
+                phases["train_by_batch"] = runs
+            checkpoint(f"train batch {batch}")
+    network.zero_grad(set_to_none=True)
+    phases["fast"], one_more_call = bench_fast(args, network, device)
+    checkpoint("fast path")
+    phases["reference"] = bench_reference(args, network, device)
+    checkpoint("reference mode")
+    if args.profile > 0:  # last: after the timed calls (its overhead stays out of them) and after the reference
+        network.to(memory_format=memory_format(args))
+        with torch.no_grad():
+            phases["fast"]["profile"] = profile_ops(one_more_call, device, args.profile)
+    result["complete"] = True
+    checkpoint("profile" if args.profile > 0 else "all phases")
+    print_table(result, args)
+    print(f"\nwrote {out}")
+    return result
+
+
+def summarize(result: dict, args) -> None:
+    """The top-level keys (size-independent and size-named ones, e.g. ``ensemble5_latency_s_256``) from the phases
+    measured so far."""
+    phases, s, n = result["phases"], args.size, args.ensemble
+    if "fast" in phases:
+        result["ensemble_latency_s"] = phases["fast"]["latency_per_image_s"]
+        result[f"ensemble{n}_latency_s_{s}"] = phases["fast"]["latency_per_image_s"]
+    if "reference" in phases:
+        result["reference_latency_s"] = phases["reference"]["latency_per_image_s"]
+        result["reference_extrapolated"] = phases["reference"]["extrapolated"]
+        result[f"reference_latency_s_{s}"] = phases["reference"]["latency_per_image_s"]
+    if "fast" in phases and "reference" in phases:
+        result["speedup"] = phases["reference"]["latency_per_image_s"] / phases["fast"]["latency_per_image_s"]
     if "train" in phases:
         tr = phases["train"]
         result["train_img_per_s"] = tr["img_per_s"]
@@ -553,14 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"train_voxels_per_s_{s}"] = tr["voxels_per_s"]
         result["train_peak_mem_gb"] = tr["peak_mem_gb"]
         result["train_peak_mem_kind"] = tr["peak_mem_kind"]
-    result["phases"] = phases
-
-    out = args.out or default_out(device, date)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result, args)
-    print(f"\nwrote {out}")
-    return result
+    result["phases"] = result.pop("phases")  # keep the phases last, after the summary keys
 
 
 def print_table(result: dict, args) -> None:

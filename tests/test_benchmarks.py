@@ -38,6 +38,7 @@ def test_speed_benchmark_smoke(tmp_path):
     )
     for key in ("device", "torch_version", "monai_version", "date", "settings", "phases"):
         assert key in result, key
+    assert result["complete"] is True
     assert result["settings"]["size"] == 32 and result["settings"]["ensemble"] == 5
     assert result["settings"]["parameter_count"] > 0
     numbers = ("ensemble_latency_s", "reference_latency_s", "speedup", "train_img_per_s",
@@ -109,6 +110,25 @@ def test_speed_benchmark_compiled_with_several_training_batches(tmp_path):
     fast = result["phases"]["fast"]
     assert fast["compiled_denoiser"] and fast["compile_mode"] == "reduce-overhead"
     assert fast["condition_calls"] == fast["sampling_calls"] == 1 and fast["denoise_calls"] == steps
+
+
+def test_speed_benchmark_keeps_the_finished_phases_of_a_run_cut_short(tmp_path, monkeypatch):
+    """A device call's time limit can stop the script in a later phase: what was measured before is on disk."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("the time limit")
+
+    monkeypatch.setattr(speed, "bench_reference", stopped)
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(["--device", "cpu", "--preset", "small", "--size", "16", "--train-batch", "1", "--train-iters", "1",
+                    "--train-warmup", "0", "--steps", "1", "--repeats", "1", "--out", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and set(partial["phases"]) == {"train", "fast"}
+    assert _positive_finite(partial["ensemble5_latency_s_16"]) and _positive_finite(partial["train_img_per_s_16"])
+    assert "speedup" not in partial and "reference_latency_s" not in partial
 
 
 def test_speed_benchmark_reports_the_least_memory_when_no_batch_fits():

@@ -228,3 +228,55 @@ def test_training_with_cuda_graph_replay_follows_the_eager_losses_and_weights():
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-4)
     for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
         assert torch.allclose(a, b, atol=1e-4), name
+
+
+# ------------------------------------------------------------------- (e) GroupNorm in bf16 under CUDA autocast
+def _saved_bytes_of_a_training_forward(net: torch.nn.Module) -> int:
+    """Bytes autograd keeps for backward in one bf16-autocast training forward (unique storages, no parameters)."""
+    from medsegdiff_bundle.diffusion import diffusion_forward
+
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr != 0:
+            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    image = torch.randn(2, 3, 64, 64, device=_device())
+    label = (image[:, :1] > 0).long()
+    net.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            diffusion_forward(net, make_scheduler("ddpm"), MedSegDiffLoss(2), image, label,
+                              torch.Generator(device=_device()).manual_seed(0))
+    return sum(storages.values())
+
+
+def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less():
+    """CUDA autocast would run nn.GroupNorm in fp32 (casts both ways, fp32 copies kept for backward); ours keeps
+    bf16 with the same statistics, and a training forward of the network keeps clearly fewer bytes."""
+    from medsegdiff_bundle.networks.blocks import GroupNorm
+
+    torch.manual_seed(0)
+    ours = GroupNorm(8, 32).to(_device())
+    torch.nn.init.normal_(ours.weight)
+    torch.nn.init.normal_(ours.bias)
+    plain = torch.nn.GroupNorm(8, 32).to(_device())
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 32, 64, 64, device=_device()) * 3 + 1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert plain(x.bfloat16()).dtype == torch.float32  # what autocast does with nn.GroupNorm
+        out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    reference = plain(x)  # fp32 throughout
+    assert float((out.float() - reference).norm() / reference.norm()) < 1e-2
+
+    net = MedSegDiffV2(2, 3, 2, channels=(16, 32, 64)).to(_device())
+    kept = _saved_bytes_of_a_training_forward(net)
+    for module in net.modules():
+        if isinstance(module, GroupNorm):
+            module.__class__ = torch.nn.GroupNorm  # the plain module, same parameters
+    kept_fp32_norms = _saved_bytes_of_a_training_forward(net)
+    assert kept < 0.8 * kept_fp32_norms, (kept, kept_fp32_norms)

@@ -14,12 +14,35 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["group_norm", "conv", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
+__all__ = ["GroupNorm", "group_norm", "conv", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
 
 
-def group_norm(channels: int, num_groups: int = 8) -> nn.GroupNorm:
-    """GroupNorm whose group count divides ``channels`` (tiny test widths stay valid)."""
-    return nn.GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps a bf16/fp16 input's dtype under autocast.
+
+    CUDA autocast runs ``group_norm`` in fp32: it casts the bf16 activation up, returns fp32, the following SiLU and
+    scale-shift run in fp32 and the next convolution casts back, and autograd keeps the fp32 copies for backward.
+    On an H200 that was 35 % (norms) + 16 % (casts) of the fast path's kernel time, and training memory ran ~35 %
+    above the CPU-measured memory model (CPU autocast keeps group_norm in bf16). The kernels accumulate a
+    low-precision input's statistics in fp32 on both devices, so this runs them in the input's dtype: same
+    statistics, only the output is rounded to bf16 -- as the next convolution would round it anyway. Parameters,
+    ``state_dict`` keys and fp32 behaviour are those of ``nn.GroupNorm``.
+
+    ``(B, C, *S) -> (B, C, *S)``, in the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                weight = None if self.weight is None else self.weight.to(x.dtype)
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return super().forward(x)
+
+
+def group_norm(channels: int, num_groups: int = 8) -> GroupNorm:
+    """:class:`GroupNorm` whose group count divides ``channels`` (tiny test widths stay valid)."""
+    return GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
 
 
 def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Module:
