@@ -326,8 +326,10 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
+    from torch.utils.data import RandomSampler
 
     from medsegdiff_bundle.data.transforms import build_preprocessing
+    from medsegdiff_bundle.engine import samples_per_epoch
 
     final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
     state = read_json(root / "train_state.json")
@@ -343,8 +345,11 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
         opt.load_state_dict(ck["optimizer"])
         epoch, elapsed = int(ck["epoch"]), float(ck["elapsed_min"])
     pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD)
-    loader = DataLoader(Dataset(train_cases, transform=pre), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.num_workers, drop_last=False)
+    dataset = Dataset(train_cases, transform=pre)
+    # the bundle's loader: the same epoch definition (--iterations-per-epoch), pinned batches copied without blocking
+    sampler = RandomSampler(dataset, num_samples=samples_per_epoch(args.iterations_per_epoch, args.batch_size))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     amp = device.type == "cuda"
     start = time.monotonic() - elapsed * 60.0
@@ -353,7 +358,7 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
         pre.set_random_state(seed=args.seed + epoch)  # per-epoch augmentation seed, like the bundle's EpochSeedHandler
         torch.manual_seed(args.seed + epoch)
         for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
+            image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(image)
@@ -417,6 +422,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="patch size (images are resized to size x size)")
     p.add_argument("--batch-size", type=int, default=8, help="both models")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--iterations-per-epoch", type=int, default=None,
+                   help="fixed-length epochs for both models (the bundle's iterations_per_epoch; default one pass)")
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="MedSegDiff-V2 widths")
     p.add_argument("--condition-channels", type=int, nargs="+", default=None,
                    help="MedSegDiff-V2 condition-UNet widths (default: --channels)")
@@ -492,7 +499,7 @@ def main(argv=None) -> int:
               "channels": list(args.channels), "num_workers": args.num_workers, "seed": args.seed,
               "condition_channels": list(args.condition_channels) if args.condition_channels else None}
     train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
-                   "learning_rate": args.lr,
+                   "learning_rate": args.lr, "iterations_per_epoch": args.iterations_per_epoch,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
                    **({"x0_dice_weight": args.x0_dice_weight} if args.x0_dice_weight is not None else {}),
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,

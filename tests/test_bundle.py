@@ -122,12 +122,14 @@ def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_pa
         assert (tmp_path / "out" / f"{p.stem}_seg.png").is_file()
 
 
-def test_exact_resume(tmp_path):
-    """2 epochs straight == a run stopped after epoch 1 (as if killed) and resumed: model, EMA and optimizer match."""
+@pytest.mark.parametrize("epoch", [{}, {"iterations_per_epoch": 3}], ids=["one-pass-epochs", "fixed-length-epochs"])
+def test_exact_resume(tmp_path, epoch):
+    """2 epochs straight == a run stopped after epoch 1 (as if killed) and resumed: model, EMA and optimizer match.
+    Also with nnU-Net-style fixed-length epochs (3 batches of 4 drawn from fewer training cases: cases repeat)."""
     from ignite.engine import Events
 
     write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=9)
-    common = {**TRAIN_2D, "val_interval": 5, "dataset_dir": str(tmp_path / "data")}
+    common = {**TRAIN_2D, "val_interval": 5, "dataset_dir": str(tmp_path / "data"), **epoch}
     run_workflow("train", "train", tmp_path / "straight", **common)
 
     interrupted = workflow("train", "train", tmp_path / "resumed", **common)
@@ -137,6 +139,8 @@ def test_exact_resume(tmp_path):
     interrupted.run()
     stopped = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "models"))["trainer"]
     assert stopped["iteration"] == stopped["epoch_length"]  # one epoch done
+    if epoch:
+        assert stopped["epoch_length"] == epoch["iterations_per_epoch"]
     run_workflow("train", "train", tmp_path / "resumed", **{**common, "resume": True})
 
     a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "models"))
@@ -307,6 +311,28 @@ def test_compile_mode_reaches_the_training_iteration_and_every_sampling_inferer(
     with pytest.raises(RuntimeError) as err:  # MONAI names the component; the cause names the key
         workflow("inference", "infer", tmp_path, **INFER_2D, compile_mode="fast").parser.get_parsed_content("inferer")
     assert "compile_mode must be one of" in str(err.value.__cause__) and "'fast'" in str(err.value.__cause__)
+
+
+def test_iterations_per_epoch_is_checked():
+    from medsegdiff_bundle.engine import samples_per_epoch
+
+    assert samples_per_epoch(None, 8) is None and samples_per_epoch(250, 8) == 2000
+    for bad in (0, -3, 2.5, True, "100"):
+        with pytest.raises(ValueError, match="iterations_per_epoch"):
+            samples_per_epoch(bad, 8)
+
+
+def test_the_training_loop_is_configured_not_to_wait_for_the_gpu(tmp_path):
+    """Pinned batches copied without blocking (CUDA), and the console loss read every log_interval iterations."""
+    from monai.handlers import StatsHandler
+
+    write_synthetic_dataset(tmp_path / "data", 4, (32, 32), seed=13)
+    wf = workflow("train", "train", tmp_path, **TRAIN_2D, log_interval=4)
+    assert wf.parser.get_parsed_content("train#trainer").non_blocking is True
+    assert wf.parser.get_parsed_content("train#dataloader").pin_memory is torch.cuda.is_available()
+    stats = [h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, StatsHandler)]
+    keep = stats[0].iteration_log
+    assert [i for i in range(1, 13) if keep(None, i)] == [4, 8, 12]
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

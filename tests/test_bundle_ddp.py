@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from medsegdiff_bundle.data import load_datalist, select_fold
+from medsegdiff_bundle.data import load_datalist, select_fold, write_synthetic_dataset
 from medsegdiff_bundle.engine import latest_checkpoint
 
 pytestmark = [
@@ -102,3 +102,33 @@ def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):
         assert torch.equal(w0[key], w1[key]), key
     assert any(not torch.equal(w0[k], init[k]) for k in w0 if w0[k].is_floating_point())
     assert torch.equal(ckpt["model"]["condition_unet.stem.weight"], w0["condition_unet.stem.weight"])
+
+
+def test_multi_gpu_fixed_length_epochs_draw_that_many_batches_per_process(tmp_path):
+    """--iterations_per_epoch with multi_gpu_train.json: each process draws iterations_per_epoch batches (with
+    replacement, seeded per epoch); without it the usual DistributedSampler shards one pass. A one-process gloo group
+    stands in for torchrun (the two-process run above covers the default)."""
+    import torch.distributed as dist
+    from monai.bundle import ConfigParser
+    from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=5)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        samplers = {}
+        for ipe in (None, 7):
+            parser = ConfigParser()
+            parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+            parser.update({"bundle_root": str(tmp_path), "batch_size": BATCH, "iterations_per_epoch": ipe,
+                           "patch_size": [32, 32], "channels": [8, 16, 32]})
+            samplers[ipe] = parser.get_parsed_content("train#dataloader").sampler
+        assert type(samplers[None]) is DistributedSampler
+        fixed = samplers[7]
+        assert isinstance(fixed, DistributedWeightedRandomSampler) and len(fixed) == 7 * BATCH
+        fixed.set_epoch(1)
+        torch.manual_seed(11)  # what EpochSeedHandler does at every epoch start
+        first = list(fixed)
+        torch.manual_seed(11)
+        assert list(fixed) == first and len(first) == 7 * BATCH  # the same epoch draws the same cases
+    finally:
+        dist.destroy_process_group()

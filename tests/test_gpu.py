@@ -11,6 +11,7 @@ whole file, inductor compilations included, takes a couple of minutes.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -280,3 +281,61 @@ def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less():
             module.__class__ = torch.nn.GroupNorm  # the plain module, same parameters
     kept_fp32_norms = _saved_bytes_of_a_training_forward(net)
     assert kept < 0.8 * kept_fp32_norms, (kept, kept_fp32_norms)
+
+
+# ------------------------------------------------------------------- (f) the training loop's loss bookkeeping
+def test_training_curves_handler_never_synchronises_per_iteration(tmp_path):
+    """Recording an iteration's CUDA losses must not wait for the GPU; the epoch's write reads them all at once."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from medsegdiff_bundle.engine import TrainingCurvesHandler
+
+    handler = TrainingCurvesHandler(tmp_path)
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=0, epoch=1, output=None))
+    values = torch.rand(5, device=_device())
+    with _sync_is_an_error():
+        for it in range(5):
+            engine.state.iteration = it + 1
+            engine.state.output = {"loss": values[it] * 2, "anchor_loss": values[it]}
+            handler.iteration_completed(engine)
+    handler.write()
+    log = pd.read_csv(tmp_path / "training_log.csv")
+    assert log["loss"].tolist() == pytest.approx((values * 2).tolist())
+    assert log["anchor_loss"].tolist() == pytest.approx(values.tolist())
+
+
+def test_a_bundle_style_training_iteration_never_synchronises(tmp_path):
+    """What train.json sets up on CUDA (pinned batches, non_blocking copies, bf16, the EMA and loss-curve handlers):
+    once warm (iteration 3), an iteration never waits for the GPU, so the host queues the next step's kernels while
+    the GPU runs this one."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from medsegdiff_bundle.engine import EMAModel, EMAUpdateHandler, TrainingCurvesHandler
+    from tests.helpers import synthetic_batch
+
+    torch.manual_seed(0)
+    net = MedSegDiffV2(2, 3, 2, channels=(8, 16, 32)).to(_device())
+    image, label = synthetic_batch(8, 32, seed=7)
+    batches = [{"image": image[2 * i: 2 * i + 2].pin_memory(), "label": label[2 * i: 2 * i + 2].pin_memory()}
+               for i in range(4)]
+    trainer = SupervisedTrainer(
+        device=_device(), max_epochs=1, train_data_loader=batches, network=net,
+        optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3), loss_function=MedSegDiffLoss(2),
+        iteration_update=DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2)),
+        amp=True, non_blocking=True, decollate=False,
+    )
+    EMAUpdateHandler(EMAModel(net), net).attach(trainer)
+    curves = TrainingCurvesHandler(tmp_path)
+    curves.attach(trainer)
+    # registered last: the window closes after the other handlers of iteration 3 have run
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=3), lambda e: torch.cuda.set_sync_debug_mode("error"))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: torch.cuda.set_sync_debug_mode(0))
+    try:
+        trainer.run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.state.iteration == 4 and len(curves.rows) == 4
+    assert all(math.isfinite(row["loss"]) for row in curves.rows)

@@ -111,9 +111,8 @@ def test_ema_tracks_the_model_with_warmup():
         for p in net.parameters():
             p.add_(1.0)
     ema.update(net)  # first decay is min(0.999, 1/10) = 0.1: the average moves 90% of the way
-    p_net = next(net.parameters())
-    p_ema = next(ema.module.parameters())
-    assert torch.allclose(p_ema, p_net - 0.1, atol=1e-6)
+    for p_net, p_ema in zip(net.parameters(), ema.module.parameters(), strict=True):  # every one of them
+        assert torch.allclose(p_ema, p_net - 0.1, atol=1e-6)
     assert int(ema.num_updates) == 1
     assert not any(p.requires_grad for p in ema.module.parameters())
 

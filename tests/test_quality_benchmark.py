@@ -48,7 +48,7 @@ def test_split_file_is_names_only_and_follows_its_rule():
 def test_quality_benchmark_smoke(tmp_path):
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     elapsed = time.monotonic() - start
@@ -64,6 +64,10 @@ def test_quality_benchmark_smoke(tmp_path):
     assert res["steps"] == 2 and res["ensemble"] == 2 and res["split"]["num_test"] == 4
     assert res["split"]["file"] == "benchmarks/splits/kvasir_seg_split.json" and res["split"]["rule"]
     assert res["medsegdiff"]["cases"] == 4 and res["baseline"]["cases"] == 4
+    # fixed-length epochs reached the bundle (12 training cases at batch 4 would be 3 batches per pass)
+    from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
+
+    assert load_checkpoint(latest_checkpoint(tmp_path / "medsegdiff" / "models"))["trainer"]["epoch_length"] == 2
 
     # the test cases never reach training: disjoint from the training datalist, and all from the committed split
     split_ids = set(json.loads(SPLIT.read_text(encoding="utf-8"))["test_ids"])

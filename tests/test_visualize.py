@@ -1,5 +1,7 @@
-"""Training-curve pictures: losses, and the validation metrics in a panel of their own."""
+"""Training-curve pictures (losses, and the validation metrics in a panel of their own) and the handler that
+records them."""
 
+import pytest
 from PIL import Image
 
 from medsegdiff_bundle.evaluation import save_training_curves
@@ -22,3 +24,40 @@ def test_an_empty_validation_log_keeps_one_panel(tmp_path):
     one = Image.open(save_training_curves(tmp_path / "a.png", HISTORY))
     empty = Image.open(save_training_curves(tmp_path / "b.png", HISTORY, validation={"epoch": []}))
     assert empty.size == one.size
+
+
+def test_training_curves_handler_logs_each_iteration_and_reads_the_losses_once_per_epoch(tmp_path):
+    """Per-iteration losses land in training_log.csv exactly; between writes they stay tensors (reading them would
+    synchronise the GPU every step; tests/test_gpu.py checks the no-sync part on CUDA)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+
+    from medsegdiff_bundle.engine import TrainingCurvesHandler
+
+    handler = TrainingCurvesHandler(tmp_path)
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=0, epoch=1, output=None))
+    expected = []
+    for it in range(1, 7):
+        engine.state.iteration, engine.state.epoch = it, 1 + (it - 1) // 3
+        losses = {"loss": torch.tensor(1.0 / it), "diffusion_loss": torch.tensor([0.5, 1.5]) * it}
+        if it % 2:  # a term some outputs lack
+            losses["x0_dice_loss"] = torch.tensor(0.25 * it)
+        engine.state.output = losses
+        handler.iteration_completed(engine)
+        expected.append({"iteration": it, "epoch": engine.state.epoch, "loss": 1.0 / it, "diffusion_loss": 1.0 * it,
+                         **({"x0_dice_loss": 0.25 * it} if it % 2 else {})})
+        if it == 3:
+            assert handler.rows == []  # nothing read back yet
+            handler.write()
+            assert len(handler.rows) == 3
+    handler.write()
+    log = pd.read_csv(tmp_path / "training_log.csv")
+    assert log["iteration"].tolist() == list(range(1, 7)) and log["epoch"].tolist() == [1, 1, 1, 2, 2, 2]
+    for row, want in zip(log.to_dict("records"), expected):
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value), (key, row)
+        if "x0_dice_loss" not in want:
+            assert pd.isna(row["x0_dice_loss"])
+    assert (tmp_path / "training_curves.png").is_file()

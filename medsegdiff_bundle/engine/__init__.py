@@ -4,9 +4,16 @@ from .checkpoint import atomic_save, load_checkpoint
 from .ema import EMAModel, unwrap_model
 from .fastpath import COMPILE_MODES, CompiledNetwork, channels_last_format, compile_network_calls, to_channels_last
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
-from .handlers import MetricsTableHandler, TimeBudgetHandler, TrainingCurvesHandler, latest_checkpoint, resume_from_latest
+from .handlers import (
+    MetricsTableHandler,
+    TimeBudgetHandler,
+    TrainingCurvesHandler,
+    every_n_iterations,
+    latest_checkpoint,
+    resume_from_latest,
+)
 from .inferer import DiffusionSegInferer
-from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler
+from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler, samples_per_epoch
 from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
 __all__ = [
@@ -28,10 +35,12 @@ __all__ = [
     "channels_last_format",
     "collate_skip_failed",
     "compile_network_calls",
+    "every_n_iterations",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_from_latest",
     "run_bundle",
+    "samples_per_epoch",
     "to_channels_last",
     "unwrap_model",
 ]

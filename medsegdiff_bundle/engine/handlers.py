@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,28 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> 
     return str(max(files, key=lambda p: (number(p), p.stat().st_mtime)))
 
 
+def every_n_iterations(n: int) -> Callable[[Any, int], bool]:
+    """An ignite event filter for ``StatsHandler(iteration_log=...)``: log every ``n``-th iteration (``n <= 1``: all).
+
+    Logging an iteration reads its loss on the host, which waits for the GPU to finish that step; every 10th keeps
+    the log readable and the GPU fed.
+    """
+    n = int(n)
+
+    def keep(engine: Any, iteration: int) -> bool:
+        return n <= 1 or iteration % n == 0
+
+    return keep
+
+
 class TrainingCurvesHandler:
     """Record the training losses per iteration and the validation metrics per epoch; write
     ``training_log.csv``, ``validation_log.csv`` and ``training_curves.png`` (losses; validation metrics in a second
     panel) in ``output_dir`` after every epoch.
+
+    The losses stay on their device until the epoch's files are written, then come back in one transfer: reading
+    each iteration's values (``float(loss)``) would make the host wait for the GPU at every step, so it could not
+    queue the next step's kernels while the GPU runs this one.
 
     Args:
         output_dir: where the files go.
@@ -52,6 +71,7 @@ class TrainingCurvesHandler:
         self.rows: list[dict[str, float]] = []
         self.val_rows: list[dict[str, float]] = []
         self._trainer: Any = None
+        self._pending: list[tuple[dict[str, int], dict[str, torch.Tensor]]] = []  # rows whose losses are on device
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -66,10 +86,17 @@ class TrainingCurvesHandler:
         out = engine.state.output
         out = out[0] if isinstance(out, list) else out
         row = {"iteration": int(engine.state.iteration), "epoch": int(engine.state.epoch)}
-        for key in self.loss_keys:
-            if key in out:
-                row[key] = float(torch.as_tensor(out[key]).float().mean())
-        self.rows.append(row)
+        losses = {key: torch.as_tensor(out[key]).detach().float().mean() for key in self.loss_keys if key in out}
+        self._pending.append((row, losses))
+
+    def _settle(self) -> None:
+        """Bring the pending losses to the host (one transfer) and append their rows."""
+        values = [v for _, losses in self._pending for v in losses.values()]
+        if values:
+            numbers = iter(torch.stack([v.to(values[0].device) for v in values]).tolist())
+        for row, losses in self._pending:
+            self.rows.append({**row, **{key: next(numbers) for key in losses}})
+        self._pending.clear()
 
     def validation_completed(self, evaluator: Any) -> None:
         row = {"epoch": int(self._trainer.state.epoch) if self._trainer is not None else 0}
@@ -77,6 +104,7 @@ class TrainingCurvesHandler:
         self.val_rows.append(row)
 
     def write(self, engine: Any = None) -> None:
+        self._settle()
         if not self.rows:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from ..utils import as_bool
 from .ema import EMAModel
 from .fastpath import channels_last_format, check_compile_mode, compile_network_calls
 
-__all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler"]
+__all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler", "samples_per_epoch"]
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,6 +28,27 @@ _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """The data of a MONAI ``MetaTensor`` as a plain ``torch.Tensor`` (no copy); other tensors unchanged."""
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
+def samples_per_epoch(iterations_per_epoch: int | None, batch_size: int) -> int | None:
+    """``num_samples`` of the training loader's ``RandomSampler``: ``None`` makes an epoch one pass over the cases
+    (what ``shuffle=True`` does), an int a fixed ``iterations_per_epoch`` batches (cases drawn without replacement
+    within each pass), as nnU-Net's fixed-length epochs (``multi_gpu_train.json``: per process, drawn with
+    replacement). On a small dataset a pass is only a few batches, and every
+    epoch also restarts the loader's workers and writes a checkpoint: on an H200 that was a quarter of the training
+    time of Kvasir-SEG's 30-batch epochs.
+
+    Raises:
+        ValueError: ``iterations_per_epoch`` or ``batch_size`` is not a positive integer.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if iterations_per_epoch is None:
+        return None
+    n = iterations_per_epoch
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"iterations_per_epoch must be a positive integer or null, got {n!r}.")
+    return n * int(batch_size)
 
 
 class DiffusionTrainIteration:
