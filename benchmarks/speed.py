@@ -4,15 +4,19 @@
 One configuration, one run, one device. Three phases (see ``benchmarks/README.md`` for what each number means):
 
 * ``train``: steady-state throughput of a full training step (``diffusion_forward`` + backward + AdamW step) at
-  ``--size`` with ``--train-batch`` (warm-up iterations excluded) and its peak memory.
+  ``--size`` with each ``--train-batch`` (warm-up iterations excluded) and its peak memory; the reported batch is
+  the fastest within ``--train-mem-limit-gb``.
 * ``fast``: latency per image of the package's inference path, ``DiffusionSegInferer`` (= ``DiffusionSampler``
   ``"dpmpp"``, ``--steps`` steps, ``--ensemble`` members denoised as one batch, condition network run once),
   optionally with bf16 autocast (``--amp``), channels-last (``--channels-last``) and a ``torch.compile``-d
-  denoiser (``--compile``).
+  denoiser (``--compile``, ``--compile-mode``; the training forward is compiled too).
 * ``reference``: the original MedSegDiff compute pattern: ``--reference-steps`` DDPM steps, ensemble members one
   after another (batch 1 each), ``network(x_t, image, t)`` (= condition + denoise) at every step, fp32, eager.
   Unless ``--reference-full`` is given, only ``--reference-steps-measured`` steps of one member are timed and the
   latency is extrapolated to ``reference_steps x ensemble`` steps (recorded as ``reference_extrapolated``).
+
+The JSON is written after every phase (``"complete": false`` until the last), so a run stopped by a time limit
+keeps what it measured; ``--profile`` runs last.
 
 Example::
 

@@ -34,9 +34,9 @@ def samples_per_epoch(iterations_per_epoch: int | None, batch_size: int) -> int 
     """``num_samples`` of the training loader's ``RandomSampler``: ``None`` makes an epoch one pass over the cases
     (what ``shuffle=True`` does), an int a fixed ``iterations_per_epoch`` batches (cases drawn without replacement
     within each pass), as nnU-Net's fixed-length epochs (``multi_gpu_train.json``: per process, drawn with
-    replacement). On a small dataset a pass is only a few batches, and every
-    epoch also restarts the loader's workers and writes a checkpoint: on an H200 that was a quarter of the training
-    time of Kvasir-SEG's 30-batch epochs.
+    replacement). On a small dataset a pass is only a few batches, and every epoch also restarts the loader's
+    workers and writes a checkpoint: on an H200 that was a quarter of the training time of Kvasir-SEG's 30-batch
+    epochs.
 
     Raises:
         ValueError: ``iterations_per_epoch`` or ``batch_size`` is not a positive integer.
