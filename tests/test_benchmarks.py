@@ -194,3 +194,20 @@ def test_device_script_runs_the_gpu_tests_stage_and_reports(tmp_path):
     assert ("passed" if torch.cuda.is_available() else "skipped") in log
     assert "tests: rc=0" in proc.stdout
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+@pytest.mark.slow
+def test_epoch_overhead_benchmark_compares_the_two_epoch_definitions(tmp_path):
+    out = tmp_path / "epoch.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "epoch_overhead.py"), "--minutes", "0.02", "--cases", "12",
+           "--size", "32", "--channels", "8", "16", "--batch-size", "4", "--num-workers", "0",
+           "--iterations-per-epoch", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    one_pass, fixed = result["one_pass"], result["fixed_length"]
+    assert fixed["epoch_length"] == 5 and one_pass["epoch_length"] < 5  # a pass over ~10 cases is 3 batches of 4
+    for arm in (one_pass, fixed):  # the budget stops each arm at an epoch end
+        assert arm["iterations"] > 0 and arm["iterations"] % arm["epoch_length"] == 0
+        assert _positive_finite(arm["iterations_per_minute"])
+    assert result["speedup"] == pytest.approx(fixed["iterations_per_minute"] / one_pass["iterations_per_minute"])

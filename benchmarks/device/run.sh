@@ -9,7 +9,7 @@
 # call under $OUT (what the device tool brings back); each stage has its own time limit so that a slow stage cannot
 # eat the next one. Exit status: non-zero if any stage failed; the others still run.
 #
-# Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (330: deadline of the speed/tests stages),
+# Settings (environment): OUT (required), DEVICE (cuda), CALL_SECONDS (380: deadline of the speed/tests stages),
 # TESTS_K (pytest -k of the tests stage; empty: all), QUALITY_SECONDS (450), QUALITY_MINUTES (2: training budget per
 # model), QUALITY_LR (1e-3: MedSegDiff-V2's learning rate), QUALITY_BATCH (16: both models), QUALITY_ITERS_PER_EPOCH
 # (100: both models), DDPM_CASES (5: DDPM-1000
@@ -21,7 +21,7 @@ STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || { echo "usage: run.sh speed|tests|quality|smoke ..." >&2; exit 2; }
 : "${OUT:?set OUT to the folder whose files come back}"
 DEVICE="${DEVICE:-cuda}"
-CALL_SECONDS="${CALL_SECONDS:-330}"
+CALL_SECONDS="${CALL_SECONDS:-380}"
 QUALITY_SECONDS="${QUALITY_SECONDS:-450}"
 QUALITY_MINUTES="${QUALITY_MINUTES:-2}"
 DDPM_CASES="${DDPM_CASES:-5}"
