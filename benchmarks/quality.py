@@ -224,14 +224,24 @@ def final_ema_weights(root: Path) -> Path:
     return path
 
 
+# switches that change how fast a sampler runs, not what it computes: a finished evaluation serves either way
+_SPEED_ONLY = ("compile", "compile_mode")
+
+
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
+    """Score the final EMA weights with the bundle's ``evaluate.json`` into ``eval/<name>``. A finished evaluation is
+    reused only if its recorded sampler settings (``sampling.json``) equal ``eval_extra``'s (speed switches aside);
+    otherwise, e.g. after ``--steps`` changed, it is run again, so a result never carries another setting's label."""
     from medsegdiff_bundle.engine.workflow import run_bundle
 
     out_dir = root / "eval" / name
-    metrics = out_dir / "metrics.csv"
-    if not metrics.is_file():
+    metrics, stamp = out_dir / "metrics.csv", out_dir / "sampling.json"
+    wanted = {k: v for k, v in sorted(eval_extra.items()) if k not in _SPEED_ONLY}
+    if not (metrics.is_file() and stamp.is_file() and read_json(stamp) == wanted):
+        metrics.unlink(missing_ok=True)
         run_bundle("evaluate", "infer", root, datalist=str(test_dl), fold=0, ckpt_path=str(final_ema_weights(root)),
                    output_dir=str(out_dir), save_overlay=False, **settings, **eval_extra)
+        write_json(stamp, wanted)
     return summarize(metrics)
 
 

@@ -118,6 +118,18 @@ def test_quality_benchmark_smoke(tmp_path):
     else:
         assert res3["dice_medsegdiff"] == res["dice_medsegdiff"] and "ensemble_only" not in res3
 
+    # other sampler settings are evaluated again, not served from the finished evaluation of the first run
+    stamp = tmp_path / "medsegdiff" / "eval" / "evaluation" / "sampling.json"
+    assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "dpmpp"
+    proc4 = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--sampler", "ddim", "--skip-baseline"],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    assert proc4.returncode == 0, proc4.stdout[-4000:] + proc4.stderr[-4000:]
+    assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "ddim"
+    assert "SupervisedEvaluator" in proc4.stdout + proc4.stderr  # sampled again
+    assert json.loads(results[0].read_text(encoding="utf-8"))["sampler"] == "ddim"
+
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
 def test_anchor_weight_argument_is_checked(value, capsys):
