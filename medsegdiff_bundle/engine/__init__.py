@@ -8,7 +8,6 @@ from .handlers import (
     MetricsTableHandler,
     TimeBudgetHandler,
     TrainingCurvesHandler,
-    every_n_iterations,
     latest_checkpoint,
     resume_from_latest,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "channels_last_format",
     "collate_skip_failed",
     "compile_network_calls",
-    "every_n_iterations",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_from_latest",

@@ -130,11 +130,10 @@ class CompiledNetwork:
     def denoise(self, *args: Any, **kwargs: Any) -> Any:
         if self._denoise is None:
             return unwrap_model(self.network).denoise(*args, **kwargs)
-        if not self._cudagraphs:
-            return self._denoise(unwrap_model(self.network), *args, **kwargs)
-        torch.compiler.cudagraph_mark_step_begin()
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = self._denoise(unwrap_model(self.network), *args, **kwargs)
-        return out.clone()
+        return out.clone() if self._cudagraphs else out
 
     def __getattr__(self, name: str) -> Any:
         # only reached for names the view does not define; "network" is checked so that copy/pickle of a

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,6 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> 
         return int(found[-1]) if found else -1
 
     return str(max(files, key=lambda p: (number(p), p.stat().st_mtime)))
-
-
-def every_n_iterations(n: int) -> Callable[[Any, int], bool]:
-    """An ignite event filter for ``StatsHandler(iteration_log=...)``: log every ``n``-th iteration (``n <= 1``: all).
-
-    Logging an iteration reads its loss on the host, which waits for the GPU to finish that step; every 10th keeps
-    the log readable and the GPU fed.
-    """
-    n = int(n)
-
-    def keep(engine: Any, iteration: int) -> bool:
-        return n <= 1 or iteration % n == 0
-
-    return keep
 
 
 class TrainingCurvesHandler:
@@ -92,8 +77,7 @@ class TrainingCurvesHandler:
     def _settle(self) -> None:
         """Bring the pending losses to the host (one transfer) and append their rows."""
         values = [v for _, losses in self._pending for v in losses.values()]
-        if values:
-            numbers = iter(torch.stack([v.to(values[0].device) for v in values]).tolist())
+        numbers = iter(torch.stack(values).tolist() if values else [])
         for row, losses in self._pending:
             self.rows.append({**row, **{key: next(numbers) for key in losses}})
         self._pending.clear()
