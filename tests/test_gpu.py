@@ -233,26 +233,10 @@ def test_training_with_cuda_graph_replay_follows_the_eager_losses_and_weights():
 
 # ------------------------------------------------------------------- (e) GroupNorm in bf16 under CUDA autocast
 def _saved_bytes_of_a_training_forward(net: torch.nn.Module) -> int:
-    """Bytes autograd keeps for backward in one bf16-autocast training forward (unique storages, no parameters)."""
-    from medsegdiff_bundle.diffusion import diffusion_forward
+    """Bytes autograd keeps for backward in one bf16-autocast training forward at 64^2, batch 2, on the GPU."""
+    from medsegdiff_bundle.planning.memory import measure_saved_activations
 
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr != 0:
-            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    image = torch.randn(2, 3, 64, 64, device=_device())
-    label = (image[:, :1] > 0).long()
-    net.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            diffusion_forward(net, make_scheduler("ddpm"), MedSegDiffLoss(2), image, label,
-                              torch.Generator(device=_device()).manual_seed(0))
-    return sum(storages.values())
+    return measure_saved_activations(2, 3, 2, net.diffusion_unet.channels, 1, [64, 64], 2, amp=True, network=net)
 
 
 def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less():

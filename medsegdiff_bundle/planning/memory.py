@@ -288,8 +288,10 @@ def measure_saved_activations(
     batch_size: int,
     amp: bool = False,
     network: Any = None,
+    device: Any = None,
 ) -> int:
-    """Bytes saved for backward by one training forward (in this process, CPU).
+    """Bytes saved for backward by one training forward (in this process; on ``device``, default the network's, or
+    CPU when the network is built here).
 
     Every tensor packed by autograd during ``diffusion_forward`` is recorded through
     ``torch.autograd.graph.saved_tensors_hooks``; the result is the sum of ``nbytes`` of the unique underlying
@@ -319,10 +321,13 @@ def measure_saved_activations(
             storages[ptr] = max(storages.get(ptr, 0), s.nbytes())
         return t
 
-    image, label = _make_batch(spatial_dims, in_channels, num_classes, patch_size, batch_size)
-    gen = torch.Generator().manual_seed(0)
+    if device is None:
+        device = next(net.parameters()).device
+    device = torch.device(device)
+    image, label = _make_batch(spatial_dims, in_channels, num_classes, patch_size, batch_size, device)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(amp)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
             out = diffusion_forward(net, scheduler, loss_fn, image, label, gen)
     total = int(sum(storages.values()))
     del out
