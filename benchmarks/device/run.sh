@@ -14,7 +14,8 @@
 # model), QUALITY_LR (1e-3: MedSegDiff-V2's learning rate), QUALITY_BATCH (16: both models), QUALITY_ITERS_PER_EPOCH
 # (100: both models), DDPM_CASES (5: DDPM-1000 takes about 1000 x 25 ms per case eagerly), EVAL_COMPILE_MODE
 # (reduce-overhead: the sampling of quality passes 2 and 3; empty: eager), TRAJECTORY_CASES (30: Dice after every
-# sampler step, next to the anchor's), WHEEL_DIR (.whl).
+# sampler step, next to the anchor's), QUALITY_EXTRA (more quality.py arguments for all passes, e.g. --skip-baseline
+# when a session's device time allows MedSegDiff-V2 alone), WHEEL_DIR (.whl).
 set -uo pipefail
 
 STAGES=("$@")
@@ -135,6 +136,8 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
         common+=(--minutes "$QUALITY_MINUTES" --lr "${QUALITY_LR:-1e-3}" --batch-size "${QUALITY_BATCH:-16}"
                  --iterations-per-epoch "${QUALITY_ITERS_PER_EPOCH:-100}")
     fi
+    # shellcheck disable=SC2206  # word splitting wanted: several arguments in one variable
+    [ -n "${QUALITY_EXTRA:-}" ] && common+=(${QUALITY_EXTRA})
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
