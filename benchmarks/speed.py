@@ -48,8 +48,8 @@ if str(_ROOT) not in sys.path:  # run from a source checkout without installing
 
 import monai  # noqa: E402
 
-from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler  # noqa: E402
-from medsegdiff_bundle.engine.fastpath import COMPILE_MODES, compile_network_calls  # noqa: E402
+from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler, validate_label  # noqa: E402
+from medsegdiff_bundle.engine.fastpath import COMPILE_MODES, compile_network_calls, without_cudagraphs  # noqa: E402
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
 from medsegdiff_bundle.networks.blocks import GroupNorm  # noqa: E402
@@ -229,7 +229,9 @@ def memory_format(args) -> torch.memory_format:
 def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -> dict:
     """Full training step at ``batch``: diffusion_forward + backward + AdamW step, timed after warm-up. With
     ``--compile`` the forward (and so its backward) runs through the training iteration's compiled call
-    (``compile_network_calls(forward=True)``, ``--compile-mode``); the warm-up iterations include compiling."""
+    (``compile_network_calls(forward=True)``, ``--compile-mode`` without CUDA graphs, as the iteration compiles it);
+    the warm-up iterations include compiling. The label is checked once, before the loop, as the bundle's iteration
+    checks each batch on the host: a check on the GPU would make every step wait for the previous one."""
     fmt = memory_format(args)
     network.to(memory_format=fmt).train()
     scheduler = make_scheduler("ddpm", args.reference_steps)
@@ -239,14 +241,16 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     image, label = make_batch(args, network, batch, device, gen)
     image = image.contiguous(memory_format=fmt)
     step_gen = torch.Generator(device=device).manual_seed(args.seed)
+    validate_label(label, network.num_classes)
     model = network
+    train_mode = without_cudagraphs(args.compile_mode)
     if args.compile:
-        model = compile_network_calls(args.compile_backend, forward=True, denoise=False, mode=args.compile_mode)(network)
+        model = compile_network_calls(args.compile_backend, forward=True, denoise=False, mode=train_mode)(network)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen)["loss"]
+            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen, check_label=False)["loss"]
         loss.backward()
         optimizer.step()
         return loss
@@ -273,6 +277,7 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
         "timed_iters": args.train_iters,
         "batch": batch,
         "compiled": args.compile,
+        "compile_mode": train_mode if args.compile else None,
         "elapsed_s": elapsed,
         "s_per_iter": elapsed / args.train_iters,
         "img_per_s": images / elapsed,
@@ -452,7 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the fast path's denoiser (the inferer's compile switch) and the training forward "
                         "(the training iteration's)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="inductor mode; reduce-overhead replays CUDA graphs")
+                   help="inductor mode; reduce-overhead replays the sampler's calls as CUDA graphs (training is compiled "
+                        "without graphs, as the training iteration does)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")

@@ -3,6 +3,8 @@ and ``compile`` options (compiled with the cheap "aot_eager" backend on CPU; ind
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -18,6 +20,7 @@ from medsegdiff_bundle.engine import (
     EMAModel,
     compile_network_calls,
     to_channels_last,
+    without_cudagraphs,
 )
 from tests.helpers import synthetic_batch, tiny_model
 
@@ -143,3 +146,70 @@ def test_compile_mode_is_checked_where_it_is_set():
     assert compile_network_calls("inductor", mode="reduce-overhead")(tiny_model())._cudagraphs
     assert not compile_network_calls("inductor")(tiny_model())._cudagraphs
     assert not compile_network_calls("aot_eager", mode="reduce-overhead")(tiny_model())._cudagraphs
+
+
+def test_training_compiles_the_cuda_graph_modes_without_graphs():
+    """train.json's one compile_mode also reaches the validation sampler, which keeps its graphs; the training step
+    compiles the same fusion without them (a replayed training forward lost the activations its backward needed)."""
+    assert [without_cudagraphs(m) for m in COMPILE_MODES] == [
+        "default", "default", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="compile_mode"):
+        without_cudagraphs("fast")
+    with pytest.warns(UserWarning, match="compiled as 'default', without CUDA graphs"):
+        iteration = DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile=True,
+                                            compile_mode="reduce-overhead")
+    assert iteration.compile_mode == "default"
+    assert not iteration._compiled(tiny_model())._cudagraphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say when nothing is compiled or the mode has no graphs
+        DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile_mode="reduce-overhead")
+        DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile=True, compile_mode="default")
+    # the sampler keeps them
+    assert DiffusionSegInferer(compile=True, compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+
+
+def _run_one_epoch(batches: list, prepare_batch=None) -> None:
+    net = tiny_model()
+    options = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
+    SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=batches, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=MedSegDiffLoss(2),
+        iteration_update=DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2)), amp=False,
+        decollate=False, **options,
+    ).run()
+
+
+def test_training_checks_each_label_on_the_host_before_the_copy(monkeypatch):
+    """On a GPU, a check of the copied label must read its result back and so waits for every queued kernel, once per
+    iteration; the label is checked while it is still on the host instead, and not again on the device."""
+    import medsegdiff_bundle.diffusion.labels as labels
+    import medsegdiff_bundle.diffusion.losses as losses
+    import medsegdiff_bundle.engine.iteration as iteration
+
+    image, label = synthetic_batch(4, 32, seed=7)
+    batches = [{"image": image[2 * i: 2 * i + 2], "label": label[2 * i: 2 * i + 2]} for i in range(2)]
+    calls: dict[str, int] = {}
+    check = labels.validate_label
+    for module in (labels, losses, iteration):
+        def counted(*args, _name=module.__name__, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return check(*args, **kwargs)
+
+        monkeypatch.setattr(module, "validate_label", counted)
+    _run_one_epoch(batches)
+    assert calls == {iteration.__name__: 2}  # once per batch, on the host only
+    calls.clear()
+    # a custom prepare_batch may build the label itself: then the check stays where the label is used
+    from monai.engines.utils import default_prepare_batch
+
+    _run_one_epoch(batches, prepare_batch=lambda *args, **kwargs: default_prepare_batch(*args, **kwargs))
+    assert calls == {labels.__name__: 2, losses.__name__: 2}
+
+
+def test_a_wrong_label_in_a_training_batch_names_its_case():
+    image, label = synthetic_batch(3, 16, seed=7)
+    label[1, 0, 0, 0] = 2  # a binary task: class 2 does not exist
+    files = ["case_a.nii.gz", "case_b.nii.gz", "case_c.nii.gz"]
+    batch = {"image": MetaTensor(image), "label": MetaTensor(label, meta={"filename_or_obj": files})}
+    with pytest.raises(ValueError, match=r"span \[0, 2\].*wrong label: \['case_b.nii.gz'\]"):
+        _run_one_epoch([batch])

@@ -80,9 +80,9 @@ def test_training_step_draws_its_timesteps_with_the_power():
     seen = []
 
     class Recording(MedSegDiffLoss):
-        def forward(self, prediction, target, anchor_logits, label, timesteps, x0_pred=None):
+        def forward(self, prediction, target, anchor_logits, label, timesteps, x0_pred=None, check_label=True):
             seen.append(timesteps)
-            return super().forward(prediction, target, anchor_logits, label, timesteps, x0_pred)
+            return super().forward(prediction, target, anchor_logits, label, timesteps, x0_pred, check_label)
 
     model = tiny_model()
     image, label = synthetic_batch(16, 16)

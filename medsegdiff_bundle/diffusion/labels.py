@@ -51,9 +51,13 @@ def validate_label(label: torch.Tensor, num_classes: int, name: str = "label") -
     return label.long()
 
 
-def label_to_x0(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Label map ``(B, 1, *S)`` -> clean diffusion sample ``x0 (B, M, *S)`` in ``{-1, 1}``."""
-    label = validate_label(label, num_classes)
+def label_to_x0(label: torch.Tensor, num_classes: int, check: bool = True) -> torch.Tensor:
+    """Label map ``(B, 1, *S)`` -> clean diffusion sample ``x0 (B, M, *S)`` in ``{-1, 1}``.
+
+    ``check=False`` skips :func:`validate_label` for a label already checked where it was cheaper (on the host,
+    before its copy to the GPU): reading the check's result back from a GPU waits for the queued work.
+    """
+    label = validate_label(label, num_classes) if check else label.long()
     if num_classes == 2:
         onehot = label.float()
     else:

@@ -37,8 +37,11 @@ class MedSegDiffLoss(nn.Module):
         x0_dice_weight: weight of the soft Dice on the diffusion model's predicted ``x0`` (0 = off, the paper's
             objective). When it is on, ``forward`` needs ``x0_pred`` (:func:`diffusion_forward` passes it).
 
+    ``check_label=False`` skips :func:`~medsegdiff_bundle.diffusion.labels.validate_label` for a label the caller
+    has checked already (the training iteration checks it on the host, before the copy to the GPU).
+
     ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,),
-    x0_pred (B, M, *S) | None)`` returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor``
+    x0_pred (B, M, *S) | None, check_label=True)`` returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor``
     (detached, for logging), and ``x0_dice`` when that term is on.
     """
 
@@ -74,8 +77,9 @@ class MedSegDiffLoss(nn.Module):
         label: torch.Tensor,
         timesteps: torch.Tensor,
         x0_pred: torch.Tensor | None = None,
+        check_label: bool = True,
     ) -> dict[str, torch.Tensor]:
-        label = validate_label(label, self.num_classes)
+        label = validate_label(label, self.num_classes) if check_label else label.long()
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
         anchor_target = label.float() if self.num_classes == 2 else label
         if self.alpha == 1:  # every sample is supervised: no indicator to read back from the device

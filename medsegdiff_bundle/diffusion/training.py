@@ -62,6 +62,7 @@ def diffusion_forward(
     label: torch.Tensor,
     generator: torch.Generator | None = None,
     timestep_power: float = 1.0,
+    check_label: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sample ``t`` (see :func:`sample_timesteps`) and ``eps ~ N(0, I)`` per sample, noise the encoded label and
     return the loss dict.
@@ -76,13 +77,15 @@ def diffusion_forward(
         label: integer label map ``(B, 1, *S)``.
         generator: optional RNG for ``t`` and ``eps`` (reproducible training).
         timestep_power: shape of the timestep distribution (1 = uniform; see :func:`sample_timesteps`).
+        check_label: validate ``label`` (:func:`~medsegdiff_bundle.diffusion.labels.validate_label`). On a GPU that
+            reads a result back and so waits for the queued work: pass ``False`` for a label checked before its copy.
     """
     if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
         raise ValueError(
             f"image {tuple(image.shape)} and label {tuple(label.shape)} differ in batch or spatial size."
         )
     core = getattr(network, "module", network)  # DistributedDataParallel / EMA wrappers keep the model in .module
-    x0 = label_to_x0(label, core.num_classes).to(image.dtype)
+    x0 = label_to_x0(label, core.num_classes, check=check_label).to(image.dtype)
     b = image.shape[0]
     timesteps = sample_timesteps(b, scheduler.num_train_timesteps, timestep_power, image.device, generator)
     noise = torch.randn(x0.shape, device=image.device, dtype=x0.dtype, generator=generator)
@@ -90,4 +93,4 @@ def diffusion_forward(
     prediction, anchor_logits = network(x_t, image, timesteps)
     target = x0 if getattr(scheduler, "prediction_type", "epsilon") == "sample" else noise
     x0_pred = predicted_x0(scheduler, x_t, prediction, timesteps) if loss_fn.x0_dice_weight > 0 else None
-    return loss_fn(prediction, target, anchor_logits, label, timesteps, x0_pred=x0_pred)
+    return loss_fn(prediction, target, anchor_logits, label, timesteps, x0_pred=x0_pred, check_label=check_label)

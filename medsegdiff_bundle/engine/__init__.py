@@ -2,7 +2,14 @@
 
 from .checkpoint import atomic_save, load_checkpoint
 from .ema import EMAModel, unwrap_model
-from .fastpath import COMPILE_MODES, CompiledNetwork, channels_last_format, compile_network_calls, to_channels_last
+from .fastpath import (
+    COMPILE_MODES,
+    CompiledNetwork,
+    channels_last_format,
+    compile_network_calls,
+    to_channels_last,
+    without_cudagraphs,
+)
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
 from .handlers import (
     MetricsTableHandler,
@@ -40,5 +47,6 @@ __all__ = [
     "run_bundle",
     "samples_per_epoch",
     "to_channels_last",
+    "without_cudagraphs",
     "unwrap_model",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "check_compile_mode",
     "compile_network_calls",
     "to_channels_last",
+    "without_cudagraphs",
 ]
 
 # ``torch.compile``'s modes; the two that replay CUDA graphs need the bookkeeping in :class:`CompiledNetwork`
@@ -76,6 +77,16 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
                 if buffer is not None and buffer.ndim == rank:
                     setattr(sub, name, buffer.contiguous(memory_format=fmt))  # keeps the buffer's persistence
     return module
+
+
+def without_cudagraphs(mode: str) -> str:
+    """The compile mode that fuses as ``mode`` does but replays no CUDA graphs (``"reduce-overhead"`` ->
+    ``"default"``, ``"max-autotune"`` -> ``"max-autotune-no-cudagraphs"``; the others unchanged).
+
+    The training iteration compiles with it: on an H200 (torch 2.11), the backward of a training forward replayed as a
+    CUDA graph read activations that a later replay had already overwritten, so graphs serve sampling only.
+    """
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(check_compile_mode(mode), mode)
 
 
 def check_compile_mode(mode: str, name: str = "compile_mode") -> str:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys as Keys
 from monai.data import MetaTensor
 from monai.data.utils import set_rnd
 
+from ..diffusion.labels import validate_label
 from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
 from ..utils import as_bool
 from .ema import EMAModel
-from .fastpath import channels_last_format, check_compile_mode, compile_network_calls
+from .fastpath import channels_last_format, compile_network_calls, without_cudagraphs
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler", "samples_per_epoch"]
 
@@ -28,6 +30,36 @@ _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
     """The data of a MONAI ``MetaTensor`` as a plain ``torch.Tensor`` (no copy); other tensors unchanged."""
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
+def _check_label_on_host(batchdata: Any, num_classes: int, prepare_batch: Callable) -> bool:
+    """Validate the batch's label while it is still on the host; ``True`` when it was checked here.
+
+    Checking it on the GPU instead means reading the result back, which makes the host wait for every kernel queued
+    so far, once per iteration (it then cannot queue the next step while the GPU runs this one). A failed check names
+    the cases whose labels are wrong (``filename_or_obj`` of a ``MetaTensor`` batch).
+
+    Raises:
+        ValueError: from :func:`~medsegdiff_bundle.diffusion.labels.validate_label`, with the files named.
+    """
+    label = batchdata.get(Keys.LABEL) if isinstance(batchdata, dict) else None
+    # a custom prepare_batch may build the label some other way: then only the device-side check is certain
+    if prepare_batch is not default_prepare_batch or not isinstance(label, torch.Tensor) or label.device.type != "cpu":
+        return False
+    try:
+        validate_label(label, num_classes)
+    except ValueError as err:
+        files = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
+        if isinstance(files, (list, tuple)) and len(files) == label.shape[0] and label.ndim >= 3:
+            bad = []
+            for name, case in zip(files, label):
+                try:
+                    validate_label(case[None], num_classes)
+                except ValueError:
+                    bad.append(str(name))
+            raise ValueError(f"{err} Cases with a wrong label: {bad or list(map(str, files))}.") from err
+        raise
+    return True
 
 
 def samples_per_epoch(iterations_per_epoch: int | None, batch_size: int) -> int | None:
@@ -72,14 +104,21 @@ class DiffusionTrainIteration:
             module is not modified, so checkpoints, the EMA copy and ``state_dict`` keys are those of the plain
             network. A DDP-wrapped network is called through DDP's forward, so gradients are still synchronised.
         compile_backend: the ``torch.compile`` backend, ``"inductor"`` (default) or e.g. ``"aot_eager"``.
-        compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`); ``"reduce-overhead"``
-            replays forward and backward as CUDA graphs (CUDA only; costs the graphs' static memory).
+        compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`). The modes that
+            replay CUDA graphs compile here without them, with a warning (``"reduce-overhead"`` as ``"default"``,
+            ``"max-autotune"`` as ``"max-autotune-no-cudagraphs"``; see
+            :func:`~medsegdiff_bundle.engine.fastpath.without_cudagraphs`), so that one ``compile_mode`` in
+            ``train.json`` gives the validation sampler its graphs and the training step its fused kernels.
         timestep_power: shape of the training timestep distribution, density ``~ t ** (power - 1)`` (1 = uniform;
             see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
 
     Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
     the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch
     is ``batch_size * accumulation_steps`` (per process) and no gradient crosses an epoch (resume stays exact).
+
+    The label is validated (:func:`~medsegdiff_bundle.diffusion.labels.validate_label`) on the host, before the
+    batch is copied to the device, whenever the trainer uses MONAI's ``default_prepare_batch``: checked on a GPU, the
+    result would have to be read back, and the host would wait for the GPU at every iteration.
 
     The trainer output holds ``image``, ``label``, ``loss`` and the two loss terms ``diffusion_loss``/``anchor_loss``.
     """
@@ -107,9 +146,13 @@ class DiffusionTrainIteration:
         self.channels_last = as_bool(channels_last, "channels_last")
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
-        self.compile_mode = check_compile_mode(compile_mode)
+        self.compile_mode = without_cudagraphs(compile_mode)
+        if self.compile and self.compile_mode != compile_mode:
+            warnings.warn(f"compile_mode={compile_mode!r}: the training step is compiled as {self.compile_mode!r}, "
+                          "without CUDA graphs (its backward would read replayed buffers that a later replay "
+                          "overwrote); the sampler keeps them.", stacklevel=2)
         self._compiled = (
-            compile_network_calls(compile_backend, forward=True, denoise=False, mode=compile_mode) if self.compile else None
+            compile_network_calls(compile_backend, forward=True, denoise=False, mode=self.compile_mode) if self.compile else None
         )
         if not float(timestep_power) > 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
@@ -118,6 +161,7 @@ class DiffusionTrainIteration:
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("must provide batch data for the current iteration.")
+        checked = _check_label_on_host(batchdata, self.loss_function.num_classes, engine.prepare_batch)
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         image, label = batch[0], batch[1]
         if label is None:
@@ -138,7 +182,7 @@ class DiffusionTrainIteration:
             # plain tensors: MetaTensor's __torch_function__ runs Python on every forward op (host time that a GPU
             # step cannot hide) and dynamo cannot trace it; the losses are the same numbers
             losses = diffusion_forward(network, self.scheduler, self.loss_function, _plain(image), _plain(label),
-                                       generator, self.timestep_power)
+                                       generator, self.timestep_power, check_label=not checked)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
