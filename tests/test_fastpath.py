@@ -19,6 +19,7 @@ from medsegdiff_bundle.engine import (
     DiffusionTrainIteration,
     EMAModel,
     compile_network_calls,
+    replays_cudagraphs,
     to_channels_last,
     without_cudagraphs,
 )
@@ -146,6 +147,9 @@ def test_compile_mode_is_checked_where_it_is_set():
     assert compile_network_calls("inductor", mode="reduce-overhead")(tiny_model())._cudagraphs
     assert not compile_network_calls("inductor")(tiny_model())._cudagraphs
     assert not compile_network_calls("aot_eager", mode="reduce-overhead")(tiny_model())._cudagraphs
+    # the backend that only replays graphs needs the same copy-out as inductor's graph modes, whatever the mode
+    assert compile_network_calls("cudagraphs")(tiny_model())._cudagraphs
+    assert replays_cudagraphs("cudagraphs", "default") and not replays_cudagraphs("inductor", "default")
 
 
 def test_training_compiles_the_cuda_graph_modes_without_graphs():
@@ -155,7 +159,7 @@ def test_training_compiles_the_cuda_graph_modes_without_graphs():
         "default", "default", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
     with pytest.raises(ValueError, match="compile_mode"):
         without_cudagraphs("fast")
-    with pytest.warns(UserWarning, match="compiled as 'default', without CUDA graphs"):
+    with pytest.warns(UserWarning, match="is compiled as 'default', without CUDA graphs"):
         iteration = DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile=True,
                                             compile_mode="reduce-overhead")
     assert iteration.compile_mode == "default"
@@ -164,6 +168,11 @@ def test_training_compiles_the_cuda_graph_modes_without_graphs():
         warnings.simplefilter("error")  # nothing to say when nothing is compiled or the mode has no graphs
         DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile_mode="reduce-overhead")
         DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile=True, compile_mode="default")
+    # the backend that only replays graphs leaves the training step eager
+    with pytest.warns(UserWarning, match="the training step runs eagerly"):
+        iteration = DiffusionTrainIteration(make_scheduler("ddpm"), MedSegDiffLoss(2), compile=True,
+                                            compile_backend="cudagraphs")
+    assert iteration._compiled is None
     # the sampler keeps them
     assert DiffusionSegInferer(compile=True, compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
 

@@ -166,10 +166,12 @@ def test_training_iteration_with_amp_gives_a_finite_loss(channels_last):
 
 # ---------------------------------------------------------------------------------- (d) torch.compile vs eager
 @pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_denoiser_matches_eager_and_compiles_once(mode):
-    """Inductor, with and without CUDA-graph replay: the same probabilities, one graph for all steps and calls
-    (a replayed output read after the next replay would raise here; test_fastpath checks the copy that prevents it)."""
+@pytest.mark.parametrize("backend, mode", [("inductor", "default"), ("inductor", "reduce-overhead"),
+                                           ("cudagraphs", "default")])
+def test_compiled_denoiser_matches_eager_and_compiles_once(backend, mode):
+    """Inductor, with and without CUDA-graph replay, and graphs without inductor: the same probabilities, one graph
+    for all steps and calls (a replayed output read after the next replay would raise here; test_fastpath checks the
+    copy that prevents it)."""
     from torch._dynamo.utils import counters
 
     net = _untrained()
@@ -177,7 +179,7 @@ def test_compiled_denoiser_matches_eager_and_compiles_once(mode):
     options = {"steps": 5, "ensemble": 2, "seed": 0}
     eager = DiffusionSegInferer("dpmpp", **options)(image, net)
     counters.clear()
-    inferer = DiffusionSegInferer("dpmpp", **options, compile=True, compile_mode=mode)  # inductor
+    inferer = DiffusionSegInferer("dpmpp", **options, compile=True, compile_backend=backend, compile_mode=mode)
     first = inferer(image, net)
     second = inferer(image, net)
     assert counters["stats"]["unique_graphs"] == 1  # compiled on the first call, reused by every later step/call

@@ -111,6 +111,11 @@ speed() {  # call 1. Three runs of speed.py on the default preset at 256^2 with 
     run_step speed-graphs "$(cap "$deadline" 110)" "$OUT/speed.log" \
         python3 benchmarks/speed.py "${base[@]}" "${more[@]}" --compile --compile-mode reduce-overhead --skip-train \
         --out "$OUT/speed_graphs.json"
+    # graphs without inductor (compile_backend="cudagraphs"): no fusion, but no launch gaps and a short first call,
+    # which could make graphs a safe default for CUDA inference. CUDA only, so not in the CPU smoke run
+    [ "$DEVICE" = cpu ] || run_step speed-cudagraphs "$(cap "$deadline" 70)" "$OUT/speed.log" \
+        python3 benchmarks/speed.py "${base[@]}" "${more[@]}" --compile --compile-backend cudagraphs --skip-train \
+        --out "$OUT/speed_cudagraphs.json"
 }
 
 tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that they collect with the carried wheels).
@@ -177,7 +182,7 @@ printf '  %s\n' "${SUMMARY[@]}"
 python3 - "$OUT" <<'PY' || true
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-for name in ("speed.json", "speed_fp32norm.json", "speed_graphs.json"):
+for name in ("speed.json", "speed_fp32norm.json", "speed_graphs.json", "speed_cudagraphs.json"):
     p = out / name
     if p.is_file():
         r = json.loads(p.read_text())
@@ -185,7 +190,8 @@ for name in ("speed.json", "speed_fp32norm.json", "speed_graphs.json"):
         print(f"  {name}{'' if r.get('complete') else ' (cut short: the phases measured before)'}: {r['device']}: "
               f"fast path {r.get('ensemble_latency_s', nan):.4f} s/image (ensemble {s['ensemble']}, "
               f"{s['steps']} steps, amp={s['amp']}, channels_last={s['channels_last']}, "
-              f"compile={s['compile_mode'] if s['compile'] else False}, fp32_norm={s.get('fp32_norm')}), reference "
+              f"compile={s['compile_backend'] + '/' + s['compile_mode'] if s['compile'] else False}, "
+              f"fp32_norm={s.get('fp32_norm')}), reference "
               f"{r.get('reference_latency_s', nan):.2f} s/image, speed-up {r.get('speedup', nan):.0f}x, "
               f"training {r.get('train_img_per_s', nan):.1f} img/s, peak {r.get('train_peak_mem_gb', nan):.2f} GB")
         for run in r["phases"].get("train_by_batch", []):

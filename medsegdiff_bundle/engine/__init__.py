@@ -7,6 +7,7 @@ from .fastpath import (
     CompiledNetwork,
     channels_last_format,
     compile_network_calls,
+    replays_cudagraphs,
     to_channels_last,
     without_cudagraphs,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "channels_last_format",
     "collate_skip_failed",
     "compile_network_calls",
+    "replays_cudagraphs",
     "latest_checkpoint",
     "load_checkpoint",
     "resume_from_latest",

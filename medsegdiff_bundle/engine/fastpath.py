@@ -28,6 +28,7 @@ __all__ = [
     "channels_last_format",
     "check_compile_mode",
     "compile_network_calls",
+    "replays_cudagraphs",
     "to_channels_last",
     "without_cudagraphs",
 ]
@@ -77,6 +78,13 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
                 if buffer is not None and buffer.ndim == rank:
                     setattr(sub, name, buffer.contiguous(memory_format=fmt))  # keeps the buffer's persistence
     return module
+
+
+def replays_cudagraphs(backend: str | Callable, mode: str) -> bool:
+    """Whether ``torch.compile(backend=backend, mode=mode)`` replays CUDA graphs (inductor's ``"reduce-overhead"`` and
+    ``"max-autotune"``, and the ``"cudagraphs"`` backend): a replay writes its outputs into the same buffers every time,
+    which :class:`CompiledNetwork` has to account for."""
+    return backend == "cudagraphs" or (backend == "inductor" and check_compile_mode(mode) in _CUDAGRAPH_MODES)
 
 
 def without_cudagraphs(mode: str) -> str:
@@ -165,8 +173,9 @@ def compile_network_calls(backend: str | Callable = "inductor", forward: bool = 
 
     Args:
         backend: a ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler),
-            ``"aot_eager"`` (traces and runs eagerly, no code generation: cheap, used by the CPU tests), or a
-            callable backend.
+            ``"aot_eager"`` (traces and runs eagerly, no code generation: cheap, used by the CPU tests),
+            ``"cudagraphs"`` (replays the traced calls as CUDA graphs without generating kernels: no launch gaps, and
+            seconds rather than a minute to compile; CUDA only), or a callable backend.
         forward: compile ``network(*args)`` (training).
         denoise: compile ``network.denoise(*args)`` (the call every sampler step makes).
         mode: inductor's compile mode, one of :data:`COMPILE_MODES`. ``"default"`` fuses kernels;
@@ -180,7 +189,7 @@ def compile_network_calls(backend: str | Callable = "inductor", forward: bool = 
     options = {"mode": mode} if backend == "inductor" else {}
     compiled_forward = torch.compile(_call_forward, backend=backend, **options) if forward else None
     compiled_denoise = torch.compile(_call_denoise, backend=backend, **options) if denoise else None
-    cudagraphs = backend == "inductor" and mode in _CUDAGRAPH_MODES
+    cudagraphs = replays_cudagraphs(backend, mode)
 
     def view(network: nn.Module) -> CompiledNetwork:
         return CompiledNetwork(network, compiled_forward, compiled_denoise, cudagraphs)

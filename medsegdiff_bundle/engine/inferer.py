@@ -62,8 +62,9 @@ class DiffusionSegInferer(Inferer):
             call; the condition network (once per image) stays eager. The module itself is not modified
             (no ``_orig_mod.`` keys; it can still be saved, deep-copied and loaded). Expect the first call to take
             seconds to minutes longer.
-        compile_backend: the ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler)
-            or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
+        compile_backend: the ``torch.compile`` backend: ``"inductor"`` (default; on CPU it needs a C++ compiler),
+            ``"cudagraphs"`` (the denoiser replayed as a CUDA graph without generated kernels: a short first call;
+            CUDA only) or e.g. ``"aot_eager"`` (no code generation; what the CPU tests use).
         compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`): ``"default"``, or
             ``"reduce-overhead"`` to replay each denoiser call as a CUDA graph (CUDA; removes the kernel-launch gaps
             that dominate a small model's step; the output is copied out of the graph's buffers every step).

@@ -107,8 +107,9 @@ class DiffusionTrainIteration:
         compile_mode: inductor's mode (:data:`~medsegdiff_bundle.engine.fastpath.COMPILE_MODES`). The modes that
             replay CUDA graphs compile here without them, with a warning (``"reduce-overhead"`` as ``"default"``,
             ``"max-autotune"`` as ``"max-autotune-no-cudagraphs"``; see
-            :func:`~medsegdiff_bundle.engine.fastpath.without_cudagraphs`), so that one ``compile_mode`` in
-            ``train.json`` gives the validation sampler its graphs and the training step its fused kernels.
+            :func:`~medsegdiff_bundle.engine.fastpath.without_cudagraphs`; with the ``"cudagraphs"`` backend the step
+            runs eagerly), so that one ``compile_mode`` in ``train.json`` gives the validation sampler its graphs and
+            the training step its fused kernels.
         timestep_power: shape of the training timestep distribution, density ``~ t ** (power - 1)`` (1 = uniform;
             see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
 
@@ -147,12 +148,17 @@ class DiffusionTrainIteration:
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
         self.compile_mode = without_cudagraphs(compile_mode)
-        if self.compile and self.compile_mode != compile_mode:
-            warnings.warn(f"compile_mode={compile_mode!r}: the training step is compiled as {self.compile_mode!r}, "
-                          "without CUDA graphs (its backward would read replayed buffers that a later replay "
+        # replayed as CUDA graphs, the training forward's saved activations were overwritten before its backward read
+        # them (H200, torch 2.11): the training step compiles without graphs, while the sampler keeps them
+        graphs_only = compile_backend == "cudagraphs"  # a backend that does nothing but replay graphs: run eagerly
+        if self.compile and (graphs_only or self.compile_mode != compile_mode):
+            done = "runs eagerly" if graphs_only else f"is compiled as {self.compile_mode!r}"
+            warnings.warn(f"compile_backend={compile_backend!r}, compile_mode={compile_mode!r}: the training step "
+                          f"{done}, without CUDA graphs (its backward would read buffers that a later replay "
                           "overwrote); the sampler keeps them.", stacklevel=2)
         self._compiled = (
-            compile_network_calls(compile_backend, forward=True, denoise=False, mode=self.compile_mode) if self.compile else None
+            compile_network_calls(compile_backend, forward=True, denoise=False, mode=self.compile_mode)
+            if self.compile and not graphs_only else None
         )
         if not float(timestep_power) > 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
