@@ -16,18 +16,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # run from a source checkout without installing
-    sys.path.insert(0, str(_ROOT))
+from cpu_result import cpu_result, write_result  # also puts the repository root on sys.path
 
 
 def run_arm(root: Path, iterations_per_epoch: int | None, args: argparse.Namespace) -> dict:
@@ -66,30 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         arms = [run_arm(Path(tmp) / name, ipe, args)
                 for name, ipe in (("one_pass", None), ("fixed", args.iterations_per_epoch))]
     one_pass, fixed = arms
-    result = {
-        "benchmark": "epoch_overhead",
-        "device": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
-        "torch_version": torch.__version__,
-        "date": _dt.date.today().isoformat(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "one_pass": one_pass,
-        "fixed_length": fixed,
-        "speedup": fixed["iterations_per_minute"] / one_pass["iterations_per_minute"],
-    }
+    result = cpu_result("epoch_overhead", args, one_pass=one_pass, fixed_length=fixed,
+                        speedup=fixed["iterations_per_minute"] / one_pass["iterations_per_minute"])
     print(f"one-pass epochs ({one_pass['epoch_length']} batches): {one_pass['iterations_per_minute']:.0f} it/min; "
           f"{fixed['epoch_length']}-batch epochs: {fixed['iterations_per_minute']:.0f} it/min "
           f"({result['speedup']:.2f}x)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(result, args.out)
     return result
 
 

@@ -333,11 +333,12 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     """Plain training loop (DiceCELoss, AdamW, bf16 autocast on CUDA), budget checked after each epoch like the
     bundle's ``TimeBudgetHandler``; checkpoint every epoch, resumable. Returns training minutes used."""
     import torch
-    from monai.data import DataLoader, Dataset
+    from monai.data import DataLoader
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
     from torch.utils.data import RandomSampler
 
+    from medsegdiff_bundle.data import build_dataset
     from medsegdiff_bundle.data.transforms import build_preprocessing
     from medsegdiff_bundle.engine import samples_per_epoch
 
@@ -355,8 +356,9 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
         opt.load_state_dict(ck["optimizer"])
         epoch, elapsed = int(ck["epoch"]), float(ck["elapsed_min"])
     pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD)
-    dataset = Dataset(train_cases, transform=pre)
-    # the bundle's loader: the same epoch definition (--iterations-per-epoch), pinned batches copied without blocking
+    dataset = build_dataset(train_cases, pre, "memory", num_workers=args.num_workers)
+    # the bundle's dataset (2D: loaded and resized cases cached in memory, built before the clock starts, as the
+    # bundle builds its own) and loader: the same epoch definition (--iterations-per-epoch), pinned batches copied without blocking
     sampler = RandomSampler(dataset, num_samples=samples_per_epoch(args.iterations_per_epoch, args.batch_size))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", drop_last=False)

@@ -211,3 +211,18 @@ def test_epoch_overhead_benchmark_compares_the_two_epoch_definitions(tmp_path):
         assert arm["iterations"] > 0 and arm["iterations"] % arm["epoch_length"] == 0
         assert _positive_finite(arm["iterations_per_minute"])
     assert result["speedup"] == pytest.approx(fixed["iterations_per_minute"] / one_pass["iterations_per_minute"])
+
+
+def test_data_cache_benchmark_measures_every_cache(tmp_path):
+    out = tmp_path / "cache.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_cache.py"), "--synthetic", "--cases", "6", "--size", "32",
+           "--batch-size", "2", "--batches", "2", "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["data"] == "synthetic" and [r["cache"] for r in result["runs"]] == ["none", "memory", "disk"]
+    for run in result["runs"]:
+        for key in ("first_pass_ms_per_sample", "ms_per_sample", "loader_img_per_s"):
+            assert _positive_finite(run[key]), (run["cache"], key)
+    bad = subprocess.run(cmd[:2] + ["--synthetic", "--caches", "ram"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown ['ram']" in bad.stderr

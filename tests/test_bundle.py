@@ -362,3 +362,23 @@ def test_channels_last_and_compile_keep_checkpoints_those_of_the_plain_network(t
     run_workflow("evaluate", "infer", tmp_path, **INFER_2D, output_dir=str(tmp_path / "fast"), **fast)
     default = pd.read_csv(tmp_path / "default" / "metrics.csv")
     np.testing.assert_allclose(pd.read_csv(tmp_path / "fast" / "metrics.csv")["dice"], default["dice"], atol=1e-3)
+
+
+def test_the_dataset_cache_trains_the_same_weights_and_disk_caches_under_bundle_root(tmp_path):
+    """Caching the deterministic pre-processing (2D default: in memory) changes how fast batches come, not what they
+    are: the same weights after an epoch with "none", "memory" and "disk"."""
+    write_synthetic_dataset(tmp_path / "data", 6, (40, 36), seed=21)
+    weights = {}
+    for cache in ("none", "memory", "disk"):
+        root = tmp_path / cache
+        root.mkdir()
+        (root / "data").symlink_to(tmp_path / "data")
+        wf = run_workflow("train", "train", root, **{**TRAIN_2D, "max_epochs": 1, "val_interval": 100},
+                          dataset_cache=cache)
+        assert type(wf.parser.get_parsed_content("train#dataset")).__name__ == {
+            "none": "Dataset", "memory": "CacheDataset", "disk": "_PersistentDataset"}[cache]
+        weights[cache] = load_checkpoint(latest_checkpoint(root / "models"))["model"]
+    assert len(list((tmp_path / "disk" / "cache").glob("*/*.pt"))) > 0
+    for cache in ("memory", "disk"):
+        for name, value in weights["none"].items():
+            assert torch.equal(value, weights[cache][name]), (cache, name)

@@ -14,12 +14,14 @@ from medsegdiff_bundle.planning.memory import GIB, predict_training_memory
 from medsegdiff_bundle.planning.planner import (
     ANISO_THRESHOLD,
     MAX_BATCH,
+    MEMORY_CACHE_GB,
     PLANS_VERSION,
     anisotropy,
     bundle_normalization,
     bundle_overrides,
     choose_configuration,
     dataset_batch_cap,
+    dataset_cache,
     ddp_settings,
     initial_patch_size,
     load_plans,
@@ -260,6 +262,21 @@ def test_training_schedule():
     assert s["learning_rate"] == 1e-4 and s["num_samples"] == 1
 
 
+def test_dataset_cache_keeps_what_fits_in_memory_and_the_rest_on_disk():
+    fp = rgb_fp()
+    small = dataset_cache(fp, [256, 256], [1.0, 1.0])
+    per_case = 256 * 256 * (fp["num_channels"] + 1) * 4
+    assert small["dataset_cache"] == "memory"
+    assert small["cached_gb"] == pytest.approx(fp["num_cases"] * per_case / GIB, abs=1e-4)
+    # every data-parallel process holds its own copy: enough of them push it to disk
+    processes = math.ceil(MEMORY_CACHE_GB * GIB / (fp["num_cases"] * per_case)) + 1
+    assert dataset_cache(fp, [256, 256], [1.0, 1.0], world_size=processes)["dataset_cache"] == "disk"
+    # 3D counts the resampled volume, not the patch
+    ct = ct_fp()
+    big = dataset_cache({**ct, "num_cases": 10_000}, [64, 64, 64], [1.0, 1.0, 1.0])
+    assert big["dataset_cache"] == "disk" and big["cached_gb"] > MEMORY_CACHE_GB
+
+
 # ------------------------------------------------------------------------------------------------- whole plans
 
 
@@ -352,6 +369,7 @@ def test_save_plans_and_bundle_overrides(tmp_path):
     assert overrides["normalization"] in ("rgb", "zscore", "ct", "none")
     assert overrides["patch_size"] == p["patch_size"] and overrides["channels"] == p["network"]["channels"]
     assert overrides["target_spacing"] == p["target_spacing"]
+    assert overrides["dataset_cache"] == p["data"]["dataset_cache"] in ("memory", "disk")
     # what `monai.bundle run --config_file "['train.json', 'bundle_overrides.json']"` resolves
     parser = ConfigParser()
     parser.read_config([str(ROOT / "bundle" / "configs" / "train.json"), str(overrides_path)])

@@ -307,7 +307,16 @@ def build_preprocessing(
             RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
             RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
         ]
-    return Compose(xforms)
+    pipeline = Compose(xforms)
+    # what the pipeline's output depends on: names the on-disk cache of its deterministic part (data.cache)
+    pipeline.settings = {
+        "spatial_dims": spatial_dims, "stage": stage, "patch_size": [int(v) for v in patch_size],
+        "num_classes": int(num_classes), "normalization": normalization,
+        "target_spacing": None if target_spacing is None else [float(v) for v in target_spacing],
+        "label_threshold": label_threshold, "label_mapping": None if label_mapping is None else dict(label_mapping),
+        "image_key": image_key, "label_key": label_key,
+    }
+    return pipeline
 
 
 def build_postprocessing(

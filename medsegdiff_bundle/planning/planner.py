@@ -22,6 +22,8 @@ Rules (constants below):
   with batch 2, then take the largest batch that fits, capped by nnU-Net's 5%-of-the-dataset rule and 32 (2D) /
   8 (3D).
 * :func:`sampler_settings`, :func:`ddp_settings`, :func:`training_schedule`.
+* :func:`dataset_cache`: the bundle keeps the loaded, resampled, normalised cases in memory when every process's
+  copy fits ``MEMORY_CACHE_GB``, else on disk.
 
 Memory budgets are GPU budgets, predicted with **fp32 activations** even though the plan trains with AMP: the AMP
 saving of the memory model is measured under CPU bf16 autocast, which also runs GroupNorm in bf16; CUDA autocast
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.cache import cached_bytes_per_case
 from ..utils import write_json_atomic
 from .memory import GIB, load_memory_model, predict_training_memory
 
@@ -50,6 +53,7 @@ __all__ = [
     "bundle_overrides",
     "choose_configuration",
     "dataset_batch_cap",
+    "dataset_cache",
     "ddp_settings",
     "initial_patch_size",
     "load_plans",
@@ -93,6 +97,7 @@ EPOCH_RANGE = (50, 1000)
 VALIDATIONS_PER_RUN = 20
 LEARNING_RATE = 1e-4
 VALIDATION_FRACTION = 0.2  # fold 0 of 5 validates
+MEMORY_CACHE_GB = 8.0  # RAM all cached cases of all data-parallel processes may take ("memory" cache); else "disk"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint access
@@ -460,6 +465,24 @@ def ddp_settings(
     }
 
 
+def dataset_cache(fp: Mapping, patch_size: Sequence[int], spacing: Sequence[float], world_size: int = 1) -> dict[str, Any]:
+    """Where the bundle keeps the deterministic pre-processing (``dataset_cache``; see
+    :func:`medsegdiff_bundle.data.build_dataset`): ``"memory"`` when every process's copy of all cases fits
+    ``MEMORY_CACHE_GB``, else ``"disk"`` (nnU-Net likewise trains from pre-processed data on disk).
+
+    A cached case is float32 image channels plus the label at the 2D ``patch_size`` (the bundle resizes every image to
+    it) or the 3D median resampled shape; each data-parallel process holds its own copy.
+    """
+    dims = int(fp["spatial_dims"])
+    shape = patch_size if dims == 2 else resampled_shape(fp, spacing)
+    total = int(fp["num_cases"]) * cached_bytes_per_case(shape, int(fp["num_channels"])) * max(1, int(world_size))
+    return {
+        "dataset_cache": "memory" if total <= MEMORY_CACHE_GB * GIB else "disk",
+        "cached_gb": round(total / GIB, 4),
+        "memory_limit_gb": MEMORY_CACHE_GB,
+    }
+
+
 def training_schedule(num_cases: int, global_batch: int, num_samples: int = 1) -> dict[str, Any]:
     """Epochs for ~``TARGET_ITERATIONS`` optimiser steps on the training fold (80% of the cases), clipped to
     [50, 1000] epochs; validation ~``VALIDATIONS_PER_RUN`` times per run; AdamW learning rate 1e-4 (the bundle's)."""
@@ -560,6 +583,7 @@ def plan_dataset(
         },
         "sampler": sampler,
         "ddp": ddp,
+        "data": dataset_cache(fp, pb["patch_size"], spacing, ddp["world_size"]),
         "training": {**schedule, "amp": bool(amp)},
         "memory": {
             "predicted_peak_gb": round(per_gpu_estimate.total / GIB, 4),
@@ -617,6 +641,8 @@ def bundle_overrides(plans: Mapping) -> dict[str, Any]:
         "val_ensemble": int(plans["sampler"]["val_ensemble"]),
         "amp": bool(plans["training"]["amp"]),
         "num_samples": int(plans["training"]["num_samples"]),
+        # plans written before the data section keep the bundle's default
+        **({"dataset_cache": plans["data"]["dataset_cache"]} if "data" in plans else {}),
     }
 
 
