@@ -9,7 +9,9 @@ transforms up to the first random one once per case and reuse the result, so eve
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -24,13 +26,22 @@ __all__ = ["DATASET_CACHES", "build_dataset", "cached_bytes_per_case"]
 
 DATASET_CACHES = ("none", "memory", "disk")
 
-# what MONAI puts into a MetaTensor's meta beside tensors (numpy arrays such as ``spatial_shape``; its own string
-# enums as keys of the applied operations): plain data that ``torch.load(weights_only=True)`` refuses unless allowed
-_META_GLOBALS = (
-    [np._core.multiarray._reconstruct, np.ndarray, np.dtype]
-    + [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-    + [obj for obj in vars(monai_enums).values() if isinstance(obj, type) and issubclass(obj, enum.Enum)]
-)
+
+@functools.cache
+def _meta_globals() -> list:
+    """What MONAI puts into a MetaTensor's meta beside tensors (numpy arrays such as ``spatial_shape``; its own string
+    enums as keys of the applied operations): plain data that ``torch.load(weights_only=True)`` refuses unless
+    allowed. Looked up on first use, in whichever numpy is installed (the module moved in numpy 2)."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy < 1.25
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    dtypes = getattr(np, "dtypes", None)
+    return (
+        [multiarray._reconstruct, np.ndarray, np.dtype]
+        + ([getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")] if dtypes is not None else [])
+        + [obj for obj in vars(monai_enums).values() if isinstance(obj, type) and issubclass(obj, enum.Enum)]
+    )
 
 
 class _PersistentDataset(PersistentDataset):
@@ -38,7 +49,7 @@ class _PersistentDataset(PersistentDataset):
     read only (the process-wide allow-list, which every checkpoint load uses, stays as it is)."""
 
     def _cachecheck(self, item_transformed):
-        with torch.serialization.safe_globals(_META_GLOBALS):
+        with torch.serialization.safe_globals(_meta_globals()):
             return super()._cachecheck(item_transformed)
 
 

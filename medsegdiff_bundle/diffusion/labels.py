@@ -28,22 +28,21 @@ def validate_label(label: torch.Tensor, num_classes: int, name: str = "label") -
     """
     if label.ndim < 3 or label.shape[1] != 1:
         raise ValueError(f"{name} must be a label map of shape (B, 1, *spatial), got {tuple(label.shape)}.")
-    # every check is reduced on the device and read back in ONE transfer: this runs at every training step, and each
-    # separate ``bool()``/``int()`` would stall the GPU queue once more
+    # the checks are reduced where the label is and read back in ONE transfer (each separate ``bool()``/``int()``
+    # would stall a GPU queue once more), in two passes over the label: this runs at every training step
     if label.is_floating_point():
-        finite = torch.isfinite(label)
-        safe = torch.where(finite, label, torch.zeros_like(label))
-        summary = torch.stack([
-            (~finite).sum().double(), (safe != safe.round()).sum().double(), safe.min().double(), safe.max().double()
-        ]).tolist()
-        nonfinite, nonint, lo, hi = summary
-        if nonint:
-            raise ValueError(f"{name} holds non-integer values; expected class indices 0..{num_classes - 1}.")
-        if nonfinite:
+        lo, hi = torch.aminmax(label)
+        # frac is non-zero for non-integers and NaN for inf/NaN: one flag for "anything but integers"
+        off, lo, hi = torch.stack([label.frac().any().double(), lo.double(), hi.double()]).tolist()
+        if off:  # the rare failing case pays for telling which problem it is
+            finite = torch.isfinite(label)
+            safe = torch.where(finite, label, torch.zeros_like(label))
+            if bool((safe != safe.round()).any()):
+                raise ValueError(f"{name} holds non-integer values; expected class indices 0..{num_classes - 1}.")
             raise ValueError(f"{name} holds non-finite values (inf/NaN); expected class indices 0..{num_classes - 1}.")
         lo, hi = int(lo), int(hi)
     else:
-        lo, hi = (int(v) for v in torch.stack([label.min(), label.max()]).tolist())
+        lo, hi = (int(v) for v in torch.stack(list(torch.aminmax(label))).tolist())
     if lo < 0 or hi >= num_classes:
         raise ValueError(
             f"{name} values span [{lo}, {hi}] but num_classes={num_classes} allows 0..{num_classes - 1}."

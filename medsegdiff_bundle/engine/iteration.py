@@ -47,14 +47,14 @@ def _check_label_on_host(batchdata: Any, num_classes: int, prepare_batch: Callab
     if prepare_batch is not default_prepare_batch or not isinstance(label, torch.Tensor) or label.device.type != "cpu":
         return False
     try:
-        validate_label(label, num_classes)
+        validate_label(_plain(label), num_classes)  # MetaTensor ops would add their Python cost to every step
     except ValueError as err:
         files = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
         if isinstance(files, (list, tuple)) and len(files) == label.shape[0] and label.ndim >= 3:
             bad = []
             for name, case in zip(files, label):
                 try:
-                    validate_label(case[None], num_classes)
+                    validate_label(_plain(case)[None], num_classes)
                 except ValueError:
                     bad.append(str(name))
             raise ValueError(f"{err} Cases with a wrong label: {bad or list(map(str, files))}.") from err

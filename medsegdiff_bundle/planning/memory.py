@@ -44,9 +44,11 @@ The model
 * ``optimizer_workspace``: the peak growth during ``clip_grad_norm_`` + ``AdamW.step`` (foreach temporaries),
   ``optimizer_factor * 4 P``; it only matters for tiny patches.
 * ``amp=True``: the activations are multiplied by ``amp_activation_ratio`` (measured under CPU bf16 autocast)
-  and the bf16 weight copies that autocast keeps for backward (``2 P``) are added. CUDA autocast keeps GroupNorm
-  / LayerNorm outputs in fp32, so on a GPU the saving is smaller than on CPU; the planner therefore budgets with
-  the fp32 prediction (an upper bound) -- see :mod:`medsegdiff_bundle.planning.planner`.
+  and the bf16 weight copies that autocast keeps for backward (``2 P``) are added. CUDA autocast runs torch's
+  GroupNorm in fp32; the package's own ``GroupNorm`` (bundle 0.3.0) stays bf16, and with it the prediction held on
+  an H200 (2D 256², default widths, batch 8-32: measured peaks 0.89-0.91× the prediction, 1.34-1.37× with torch's
+  GroupNorm). The planner still budgets with the fp32 prediction (an upper bound) until 3D is measured on a GPU --
+  see :mod:`medsegdiff_bundle.planning.planner`.
 
 Fitted on torch 2.13 CPU (``memory_model.json``): coefficients (bytes/element) levels 173.1, extra_res_blocks
 102.9, bottleneck 292.3, full_res_io 28.7, attention 5.5; largest fit residual 2.8% (17 configurations);
