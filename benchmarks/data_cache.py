@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How fast the bundle's 2D training pipeline feeds the GPU with each ``dataset_cache`` (``none``, ``memory``, ``disk``).
+"""How fast the bundle's 2D training pipeline feeds the GPU with each ``dataset_cache`` (none, memory, disk).
 
 For each cache this builds the dataset as ``train.json`` does (``medsegdiff_bundle.data.build_dataset`` over
 ``build_preprocessing(..., "train")``), then measures

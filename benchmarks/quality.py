@@ -358,7 +358,8 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD)
     dataset = build_dataset(train_cases, pre, "memory", num_workers=args.num_workers)
     # the bundle's dataset (2D: loaded and resized cases cached in memory, built before the clock starts, as the
-    # bundle builds its own) and loader: the same epoch definition (--iterations-per-epoch), pinned batches copied without blocking
+    # bundle builds its own) and loader: the same epoch definition (--iterations-per-epoch), pinned batches copied
+    # without blocking
     sampler = RandomSampler(dataset, num_samples=samples_per_epoch(args.iterations_per_epoch, args.batch_size))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", drop_last=False)

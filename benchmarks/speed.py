@@ -250,7 +250,8 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen, check_label=False)["loss"]
+            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen,
+                                     check_label=False)["loss"]
         loss.backward()
         optimizer.step()
         return loss
@@ -457,8 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the fast path's denoiser (the inferer's compile switch) and the training forward "
                         "(the training iteration's)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="inductor mode; reduce-overhead replays the sampler's calls as CUDA graphs (training is compiled "
-                        "without graphs, as the training iteration does)")
+                   help="inductor mode; reduce-overhead replays the sampler's calls as CUDA graphs (training is "
+                        "compiled without graphs, as the training iteration does)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")

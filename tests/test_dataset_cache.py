@@ -91,3 +91,21 @@ def test_a_3d_disk_cache_keeps_the_resampled_volumes_and_their_meta(tmp_path):
             sample_c = c[0][key] if isinstance(c, list) else c[key]
             assert torch.equal(sample_a, sample_b) and torch.equal(sample_a, sample_c)
             assert isinstance(sample_c, MetaTensor) and sample_c.meta.get("filename_or_obj")
+
+
+def test_auto_keeps_the_cases_in_memory_when_they_fit_and_on_disk_when_not(cases, tmp_path, monkeypatch, caplog):
+    import medsegdiff_bundle.data.cache as cache_module
+
+    transform = build_preprocessing(2, "train", [32, 32], 2)
+    with caplog.at_level("INFO", logger="medsegdiff_bundle.data.cache"):
+        assert isinstance(build_dataset(cases, transform, "auto", tmp_path), CacheDataset)
+    assert "-> memory" in caplog.text and "4 cases x" in caplog.text
+    # one cached case here: 3 image channels + the label at 32x32, float32
+    per_case = 4 * 32 * 32 * 4
+    monkeypatch.setattr(cache_module, "MEMORY_CACHE_GB", 4 * per_case / 1024**3)  # exactly fits
+    assert cache_module.auto_cache(cases, transform, tmp_path) == "memory"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes on the machine share the budget
+    assert cache_module.auto_cache(cases, transform, tmp_path) == "disk"
+    assert isinstance(build_dataset(cases, transform, "auto", tmp_path), PersistentDataset)
+    assert cache_module.auto_cache(cases, transform, None) == "none"
+    assert cache_module.auto_cache([], transform, tmp_path) == "none"

@@ -1,8 +1,8 @@
 """Datasets that keep the deterministic part of the pre-processing (loading, resampling, normalisation, resizing).
 
-Loading and resizing a Kvasir-SEG case costs ~12 ms of one CPU core, the random augmentations after it ~2 ms: with
-the bundle's two loader workers a plain ``Dataset`` delivers ~140 images/s, less than the default model trains at on
-one H200 (167-222 images/s). MONAI's ``CacheDataset`` (in memory) and ``PersistentDataset`` (on disk) run the
+Loading and resizing a Kvasir-SEG case costs ~13 ms of one CPU core, the random augmentations after it ~2 ms: with
+the bundle's two loader workers a plain ``Dataset`` delivered 129 images/s on a 2-core machine, less than the default
+model trains at on one H200 (167-222 images/s; ``benchmarks/data_cache.py``). MONAI's ``CacheDataset`` (in memory) and ``PersistentDataset`` (on disk) run the
 transforms up to the first random one once per case and reuse the result, so every epoch only augments.
 """
 
@@ -13,18 +13,24 @@ import functools
 import hashlib
 import importlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import enums as monai_enums
 
-__all__ = ["DATASET_CACHES", "build_dataset", "cached_bytes_per_case"]
+__all__ = ["DATASET_CACHES", "MEMORY_CACHE_GB", "auto_cache", "build_dataset", "cached_bytes_per_case"]
 
-DATASET_CACHES = ("none", "memory", "disk")
+DATASET_CACHES = ("auto", "none", "memory", "disk")
+MEMORY_CACHE_GB = 8.0  # RAM the cached cases of all training processes on one machine may take
+_GIB = 1024**3
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -53,6 +59,42 @@ class _PersistentDataset(PersistentDataset):
             return super()._cachecheck(item_transformed)
 
 
+def _deterministic_part(transform: Callable, item: dict) -> Any:
+    """``item`` through ``transform`` up to its first random transform (what the caches keep)."""
+    if not isinstance(transform, Compose):
+        return transform(item)
+    first_random = transform.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)
+    )
+    return transform(item, end=first_random)
+
+
+def _tensor_bytes(item: Any) -> int:
+    """Bytes of the arrays in a (nested) sample."""
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return int(item.nbytes)
+    if isinstance(item, dict):
+        return sum(_tensor_bytes(v) for v in item.values())
+    if isinstance(item, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in item)
+    return 0
+
+
+def auto_cache(data: Sequence[dict], transform: Callable, cache_dir: str | os.PathLike | None = None) -> str:
+    """The cache ``"auto"`` resolves to: ``"memory"`` when all cases, sized by the first one, fit this process's
+    share of ``MEMORY_CACHE_GB`` (divided among the ``LOCAL_WORLD_SIZE`` processes ``torchrun`` starts on a machine),
+    else ``"disk"`` (or ``"none"`` without a ``cache_dir``). Costs one case's loading."""
+    if len(data) == 0:
+        return "none"
+    per_case = _tensor_bytes(_deterministic_part(transform, dict(data[0])))
+    share = MEMORY_CACHE_GB * _GIB / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    total = per_case * len(data)
+    choice = "memory" if total <= share else ("disk" if cache_dir else "none")
+    logger.info(f"dataset_cache auto: {len(data)} cases x {per_case / 2**20:.1f} MiB = {total / _GIB:.2f} GiB "
+                f"(this process may keep {share / _GIB:.1f} GiB in memory) -> {choice}")
+    return choice
+
+
 def build_dataset(
     data: Sequence[dict],
     transform: Callable,
@@ -68,7 +110,8 @@ def build_dataset(
     Args:
         data: the cases (dicts of file names).
         transform: the full pre-processing; what precedes its first random transform is cached.
-        cache: ``"none"`` (load every case every epoch), ``"memory"`` (``CacheDataset``: all cases built once, in
+        cache: ``"auto"`` (:func:`auto_cache`: memory if it fits, else disk), ``"none"`` (load every case every
+            epoch), ``"memory"`` (``CacheDataset``: all cases built once, in
             parallel with a progress bar, before training starts; held in RAM by every process) or ``"disk"``
             (``PersistentDataset``: each case written the first time it is read, into a sub-folder of ``cache_dir``
             named by a hash of the pipeline's ``settings`` (what :func:`~medsegdiff_bundle.data.transforms.
@@ -82,6 +125,8 @@ def build_dataset(
     """
     if cache not in DATASET_CACHES:
         raise ValueError(f"dataset_cache must be one of {DATASET_CACHES}, got {cache!r}.")
+    if cache == "auto":
+        cache = auto_cache(data, transform, cache_dir)
     if cache == "memory":
         return CacheDataset(data, transform, num_workers=max(1, int(num_workers)), progress=True)
     if cache == "disk":

@@ -41,8 +41,8 @@ class MedSegDiffLoss(nn.Module):
     has checked already (the training iteration checks it on the host, before the copy to the GPU).
 
     ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,),
-    x0_pred (B, M, *S) | None, check_label=True)`` returns a dict with ``loss`` (to back-propagate), ``diffusion`` and ``anchor``
-    (detached, for logging), and ``x0_dice`` when that term is on.
+    x0_pred (B, M, *S) | None, check_label=True)`` returns a dict with ``loss`` (to back-propagate), ``diffusion``
+    and ``anchor`` (detached, for logging), and ``x0_dice`` when that term is on.
     """
 
     def __init__(

@@ -94,7 +94,8 @@ def without_cudagraphs(mode: str) -> str:
     The training iteration compiles with it: on an H200 (torch 2.11), the backward of a training forward replayed as a
     CUDA graph read activations that a later replay had already overwritten, so graphs serve sampling only.
     """
-    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(check_compile_mode(mode), mode)
+    graphless = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+    return graphless.get(check_compile_mode(mode), mode)
 
 
 def check_compile_mode(mode: str, name: str = "compile_mode") -> str:

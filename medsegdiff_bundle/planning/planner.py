@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.cache import cached_bytes_per_case
+from ..data.cache import MEMORY_CACHE_GB, cached_bytes_per_case
 from ..utils import write_json_atomic
 from .memory import GIB, load_memory_model, predict_training_memory
 
@@ -99,7 +99,6 @@ EPOCH_RANGE = (50, 1000)
 VALIDATIONS_PER_RUN = 20
 LEARNING_RATE = 1e-4
 VALIDATION_FRACTION = 0.2  # fold 0 of 5 validates
-MEMORY_CACHE_GB = 8.0  # RAM all cached cases of all data-parallel processes may take ("memory" cache); else "disk"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint access
@@ -467,10 +466,13 @@ def ddp_settings(
     }
 
 
-def dataset_cache(fp: Mapping, patch_size: Sequence[int], spacing: Sequence[float], world_size: int = 1) -> dict[str, Any]:
+def dataset_cache(
+    fp: Mapping, patch_size: Sequence[int], spacing: Sequence[float], world_size: int = 1
+) -> dict[str, Any]:
     """Where the bundle keeps the deterministic pre-processing (``dataset_cache``; see
     :func:`medsegdiff_bundle.data.build_dataset`): ``"memory"`` when every process's copy of all cases fits
-    ``MEMORY_CACHE_GB``, else ``"disk"`` (nnU-Net likewise trains from pre-processed data on disk).
+    ``MEMORY_CACHE_GB`` (:mod:`medsegdiff_bundle.data.cache`), else ``"disk"`` (nnU-Net likewise trains from
+    pre-processed data on disk).
 
     A cached case is float32 image channels plus the label at the 2D ``patch_size`` (the bundle resizes every image to
     it) or the 3D median resampled shape; each data-parallel process holds its own copy.
