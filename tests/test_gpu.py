@@ -2,7 +2,9 @@
 
 (a) the sampling loop makes no host-device synchronisation (``torch.cuda.set_sync_debug_mode("error")``);
 (b) bf16 + channels-last sampling agrees with fp32; (c) a training iteration under bf16 autocast gives a finite loss;
-(d) ``torch.compile`` (inductor) matches eager. ``benchmarks/device/run.sh tests`` runs this file on a lent GPU.
+(d) ``torch.compile`` (inductor, with and without CUDA graphs, and the ``cudagraphs`` backend) matches eager, in
+sampling and in training; (e) the package's GroupNorm stays bf16 under autocast; (f) the loss curves and a
+bundle-style training iteration never synchronise. ``benchmarks/device/run.sh tests`` runs this file on a lent GPU.
 
 Kept to imports the GPU machine has (no SimpleITK, nibabel or itk at import time) and to tiny models, so that the
 whole file, inductor compilations included, takes a couple of minutes.
