@@ -83,7 +83,9 @@ def _tensor_bytes(item: Any) -> int:
 def auto_cache(data: Sequence[dict], transform: Callable, cache_dir: str | os.PathLike | None = None) -> str:
     """The cache ``"auto"`` resolves to: ``"memory"`` when all cases, sized by the first one, fit this process's
     share of ``MEMORY_CACHE_GB`` (divided among the ``LOCAL_WORLD_SIZE`` processes ``torchrun`` starts on a machine),
-    else ``"disk"`` (or ``"none"`` without a ``cache_dir``). Costs one case's loading."""
+    else ``"disk"`` (or ``"none"`` without a ``cache_dir``). Costs one case's loading. Each dataset decides alone:
+    ``train.json``'s training and validation sets may each take the share (the validation fold, one of five, is a
+    quarter of the training set's size)."""
     if len(data) == 0:
         return "none"
     per_case = _tensor_bytes(_deterministic_part(transform, dict(data[0])))
