@@ -183,11 +183,40 @@ def variant_settings(variant: str) -> dict:
     return {"anchor": anchor, "semantic": semantic}
 
 
+# where the data lies and how it is loaded change nothing about the trained model (the GPU runs read a copy)
+_NOT_TRAINING_SETTINGS = ("dataset_dir", "datalist", "num_workers")
+
+
+def check_training_settings(root: Path, settings: dict) -> None:
+    """Resume or reuse the model in ``root`` only if it was trained with ``settings`` (recorded in
+    ``training.json`` on first use, budget included), so that a result is never reported under settings it was not
+    trained with (e.g. a rerun with another ``--lr`` or ``--minutes`` into the same ``--output``).
+
+    Raises:
+        SystemExit: ``root`` holds a model trained with other settings; the message names them.
+    """
+    wanted = json.loads(json.dumps({k: v for k, v in settings.items() if k not in _NOT_TRAINING_SETTINGS},
+                                   sort_keys=True))
+    stamp = root / "training.json"
+    if stamp.is_file():
+        recorded = read_json(stamp)
+        changed = {k: {"trained with": recorded.get(k), "asked for": wanted.get(k)}
+                   for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)}
+        if changed:
+            raise SystemExit(f"error: {root} holds a model trained with other settings {changed}; pass another "
+                             "--output (or remove that folder) to train with these.")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, wanted)
+
+
 def train_medsegdiff(root: Path, minutes: float, settings: dict, train_extra: dict) -> float:
-    """Bundle training with a wall-clock budget; resumable. Returns the training minutes used (all sessions)."""
+    """Bundle training with a wall-clock budget; resumable with the same settings (see
+    :func:`check_training_settings`). Returns the training minutes used (all sessions)."""
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
     from medsegdiff_bundle.engine.workflow import run_bundle
 
+    check_training_settings(root, {**settings, **train_extra, "minutes": minutes})
     state_path = root / "train_state.json"
     state = read_json(state_path)
     if state.get("done"):
@@ -342,6 +371,9 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     from medsegdiff_bundle.data.transforms import build_preprocessing
     from medsegdiff_bundle.engine import samples_per_epoch
 
+    check_training_settings(root, {"minutes": args.minutes, "size": args.size, "batch_size": args.batch_size,
+                                   "iterations_per_epoch": args.iterations_per_epoch, "lr": args.baseline_lr,
+                                   "seed": args.seed, "topology": topology, "num_cases": len(train_cases)})
     final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
     state = read_json(root / "train_state.json")
     if final.is_file() and state.get("done"):

@@ -47,8 +47,9 @@ def test_split_file_is_names_only_and_follows_its_rule():
 @pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason="Kvasir-SEG not in ../shared/data")
 def test_quality_benchmark_smoke(tmp_path):
     start = time.monotonic()
+    SAME_TRAINING = ["--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2"]  # the reruns resume it
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2"],
+        [sys.executable, str(SCRIPT), *SAME_TRAINING],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     elapsed = time.monotonic() - start
@@ -82,7 +83,7 @@ def test_quality_benchmark_smoke(tmp_path):
 
     # a rerun is resumable: everything is found done and nothing retrains; it adds the per-step trajectory
     proc2 = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--trajectory", "3"],
+        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--trajectory", "3"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert proc2.returncode == 0, proc2.stdout[-4000:] + proc2.stderr[-4000:]
@@ -99,8 +100,7 @@ def test_quality_benchmark_smoke(tmp_path):
 
     # a third rerun selects the anchor blend on the validation fold and evaluates the test cases with it
     proc3 = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--anchor-weight", "select",
-         "--skip-baseline"],
+        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--anchor-weight", "select", "--skip-baseline"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert proc3.returncode == 0, proc3.stdout[-4000:] + proc3.stderr[-4000:]
@@ -126,13 +126,21 @@ def test_quality_benchmark_smoke(tmp_path):
     stamp = tmp_path / "medsegdiff" / "eval" / "evaluation" / "sampling.json"
     assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "dpmpp"
     proc4 = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--sampler", "ddim", "--skip-baseline"],
+        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--sampler", "ddim", "--skip-baseline"],
         cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
     )
     assert proc4.returncode == 0, proc4.stdout[-4000:] + proc4.stderr[-4000:]
     assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "ddim"
     assert "SupervisedEvaluator" in proc4.stdout + proc4.stderr  # sampled again
     assert json.loads(results[0].read_text(encoding="utf-8"))["sampler"] == "ddim"
+
+    # other training settings into the same folders: refused, naming what differs, before anything is trained
+    for extra, named in ((["--lr", "0.5"], "learning_rate"), (["--seed", "1"], "seed"),
+                         (["--baseline-lr", "0.5", "--sampler", "ddim"], "'lr'")):
+        proc5 = subprocess.run([sys.executable, str(SCRIPT), *SAME_TRAINING, *extra], cwd=REPO, capture_output=True,
+                               text=True, encoding="utf-8", errors="replace", timeout=600)
+        assert proc5.returncode != 0 and "holds a model trained with other settings" in proc5.stderr, extra
+        assert named in proc5.stderr and "Epoch:" not in proc5.stdout + proc5.stderr, extra
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "half"])
