@@ -49,7 +49,11 @@ if str(_ROOT) not in sys.path:  # run from a source checkout without installing
 import monai  # noqa: E402
 
 from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler, validate_label  # noqa: E402
-from medsegdiff_bundle.engine.fastpath import COMPILE_MODES, compile_network_calls, without_cudagraphs  # noqa: E402
+from medsegdiff_bundle.engine.fastpath import (  # noqa: E402
+    COMPILE_MODES,
+    compile_training_calls,
+    without_cudagraphs,
+)
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
 from medsegdiff_bundle.networks.blocks import GroupNorm  # noqa: E402
@@ -229,7 +233,7 @@ def memory_format(args) -> torch.memory_format:
 def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -> dict:
     """Full training step at ``batch``: diffusion_forward + backward + AdamW step, timed after warm-up. With
     ``--compile`` the forward (and so its backward) runs through the training iteration's compiled call
-    (``compile_network_calls(forward=True)``, ``--compile-mode`` without CUDA graphs, as the iteration compiles it);
+    (``compile_training_calls``, ``--compile-mode`` / ``--compile-backend`` without CUDA graphs, as the iteration);
     the warm-up iterations include compiling. The label is checked once, before the loop, as the bundle's iteration
     checks each batch on the host: a check on the GPU would make every step wait for the previous one."""
     fmt = memory_format(args)
@@ -242,10 +246,9 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     image = image.contiguous(memory_format=fmt)
     step_gen = torch.Generator(device=device).manual_seed(args.seed)
     validate_label(label, network.num_classes)
-    model = network
-    train_mode = without_cudagraphs(args.compile_mode)
-    if args.compile:
-        model = compile_network_calls(args.compile_backend, forward=True, denoise=False, mode=train_mode)(network)
+    # the training iteration's compiled call (no CUDA graphs in training)
+    view = compile_training_calls(args.compile_backend, args.compile_mode) if args.compile else None
+    model = network if view is None else view(network)
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -278,7 +281,7 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
         "timed_iters": args.train_iters,
         "batch": batch,
         "compiled": args.compile,
-        "compile_mode": train_mode if args.compile else None,
+        "compile_mode": without_cudagraphs(args.compile_mode) if view is not None else None,
         "elapsed_s": elapsed,
         "s_per_iter": elapsed / args.train_iters,
         "img_per_s": images / elapsed,

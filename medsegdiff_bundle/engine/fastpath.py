@@ -14,6 +14,7 @@ Neither switch changes what a network *is*:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "channels_last_format",
     "check_compile_mode",
     "compile_network_calls",
+    "compile_training_calls",
     "replays_cudagraphs",
     "to_channels_last",
     "without_cudagraphs",
@@ -196,3 +198,21 @@ def compile_network_calls(backend: str | Callable = "inductor", forward: bool = 
         return CompiledNetwork(network, compiled_forward, compiled_denoise, cudagraphs)
 
     return view
+
+
+def compile_training_calls(backend: str | Callable = "inductor",
+                           mode: str = "default") -> Callable[[nn.Module], CompiledNetwork] | None:
+    """:func:`compile_network_calls` for the training step (``forward`` only), never replaying CUDA graphs: replayed,
+    the training forward's saved activations were overwritten before its backward read them (H200, torch 2.11).
+    The graph modes compile as :func:`without_cudagraphs` says; a backend that does nothing but replay graphs
+    (``"cudagraphs"``) leaves the step eager (``None``). Warns when it departs from what was asked, since one
+    ``compile_mode`` / ``compile_backend`` in ``train.json`` also reaches the validation sampler, which keeps its
+    graphs."""
+    graphless = without_cudagraphs(mode)
+    eager = replays_cudagraphs(backend, graphless)
+    if eager or graphless != mode:
+        done = "runs eagerly" if eager else f"is compiled as {graphless!r}"
+        warnings.warn(f"compile_backend={backend!r}, compile_mode={mode!r}: the training step {done}, without CUDA "
+                      "graphs (its backward would read buffers that a later replay overwrote); the sampler keeps "
+                      "them.", stacklevel=3)
+    return None if eager else compile_network_calls(backend, forward=True, denoise=False, mode=graphless)

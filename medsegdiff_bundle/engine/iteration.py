@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
 from ..utils import as_bool
 from .ema import EMAModel
-from .fastpath import channels_last_format, compile_network_calls, without_cudagraphs
+from .fastpath import channels_last_format, compile_training_calls, without_cudagraphs
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler", "samples_per_epoch"]
 
@@ -148,18 +147,7 @@ class DiffusionTrainIteration:
         self.compile = as_bool(compile, "compile")
         self.compile_backend = compile_backend
         self.compile_mode = without_cudagraphs(compile_mode)
-        # replayed as CUDA graphs, the training forward's saved activations were overwritten before its backward read
-        # them (H200, torch 2.11): the training step compiles without graphs, while the sampler keeps them
-        graphs_only = compile_backend == "cudagraphs"  # a backend that does nothing but replay graphs: run eagerly
-        if self.compile and (graphs_only or self.compile_mode != compile_mode):
-            done = "runs eagerly" if graphs_only else f"is compiled as {self.compile_mode!r}"
-            warnings.warn(f"compile_backend={compile_backend!r}, compile_mode={compile_mode!r}: the training step "
-                          f"{done}, without CUDA graphs (its backward would read buffers that a later replay "
-                          "overwrote); the sampler keeps them.", stacklevel=2)
-        self._compiled = (
-            compile_network_calls(compile_backend, forward=True, denoise=False, mode=self.compile_mode)
-            if self.compile and not graphs_only else None
-        )
+        self._compiled = compile_training_calls(compile_backend, compile_mode) if self.compile else None
         if not float(timestep_power) > 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
         self.timestep_power = float(timestep_power)
