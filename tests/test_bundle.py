@@ -41,7 +41,7 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # both epochs
     assert int(ckpt["ema"]["num_updates"]) == ckpt["trainer"]["iteration"]
     best = load_checkpoint(trained_2d / "models" / "model.pt")
-    assert "condition_unet.stem.weight" in best  # a plain state dict the inference config loads
+    assert "diffusion_unet.stem.weight" in best  # a plain state dict the inference config loads
     log = pd.read_csv(trained_2d / "eval" / "training_log.csv")
     assert {"loss", "diffusion_loss", "anchor_loss", "x0_dice_loss"} <= set(log.columns)  # x0 Dice on by default
     assert (trained_2d / "eval" / "training_curves.png").is_file()

@@ -70,7 +70,7 @@ def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert all(not k.startswith("module.") for k in ckpt["model"])  # DDP unwrapped: loadable by single-process configs
     best = torch.load(root / "models" / "model.pt", weights_only=True)
-    assert "condition_unet.stem.weight" in best
+    assert "diffusion_unet.stem.weight" in best
 
     # each rank sees half the training data: the epoch is half as long as a single-process one
     cases = load_datalist(str(root / "data" / "datalist.json"), "training", str(root / "data"))
@@ -101,7 +101,7 @@ def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):
         assert torch.equal(inits[0][key], inits[1][key]), key
         assert torch.equal(w0[key], w1[key]), key
     assert any(not torch.equal(w0[k], init[k]) for k in w0 if w0[k].is_floating_point())
-    assert torch.equal(ckpt["model"]["condition_unet.stem.weight"], w0["condition_unet.stem.weight"])
+    assert torch.equal(ckpt["model"]["diffusion_unet.stem.weight"], w0["diffusion_unet.stem.weight"])
 
 
 def test_multi_gpu_fixed_length_epochs_draw_that_many_batches_per_process(tmp_path):

@@ -36,7 +36,7 @@ def test_demo_2d_trains_evaluates_and_writes_results(tmp_path):
     assert Image.open(tmp_path / "eval" / "training_curves.png").size[0] > 100
     assert len(pd.read_csv(tmp_path / "eval" / "training_log.csv")) == summary["epochs"] * 2  # 8 train cases / 4
     assert load_checkpoint(latest_checkpoint(tmp_path / "models"))["trainer"]["iteration"] == summary["epochs"] * 2
-    assert "condition_unet.stem.weight" in load_checkpoint(tmp_path / "models" / "model.pt")
+    assert "diffusion_unet.stem.weight" in load_checkpoint(tmp_path / "models" / "model.pt")
 
 
 def test_demo_3d_multiclass_writes_nifti(tmp_path):

@@ -109,9 +109,12 @@ def test_features_reject_wrong_patch_dims():
 
 
 def test_saved_activations_are_linear_in_batch():
-    one = measure_saved_activations(2, 1, 2, (8, 16, 32), 1, (32, 32), 1)
-    two = measure_saved_activations(2, 1, 2, (8, 16, 32), 1, (32, 32), 2)
-    assert one > 0 and two == pytest.approx(2 * one, rel=0.02)
+    """Every sample adds the same bytes; what does not grow with the batch (the NBP-Filter's MLP over the frequency
+    grid, ~136 kB here) is a small part, which the model's per-sample features leave out."""
+    one, two, four = (measure_saved_activations(2, 1, 2, (8, 16, 32), 1, (32, 32), b) for b in (1, 2, 4))
+    per_sample = two - one
+    assert per_sample > 0 and four - two == pytest.approx(2 * per_sample, rel=0.01)
+    assert 0 <= one - per_sample < 0.05 * one
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler
-from medsegdiff_bundle.networks import MedSegDiffV2, NeuralBandPassFilter
+from medsegdiff_bundle.networks import MedSegDiffV2, NeuralBandPassFilter, PlainUNet
 from tests.helpers import synthetic_batch, tiny_model
 
 
@@ -44,10 +44,11 @@ def _one_backward(model: MedSegDiffV2, spatial_dims: int = 2, size: int = 32):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_gradients_reach_every_part(spatial_dims):
+@pytest.mark.parametrize("backbone", ["plain", "residual"])
+def test_gradients_reach_every_part(spatial_dims, backbone):
     """One backward pass puts non-zero gradients on C, the Gaussian's centre and width, the U-SA gate, the
     SS-Former and the NBP-Filter's output layer."""
-    model = tiny_model(spatial_dims, 1 if spatial_dims == 3 else 3)
+    model = tiny_model(spatial_dims, 1 if spatial_dims == 3 else 3, condition_backbone=backbone)
     _one_backward(model, spatial_dims, 32 if spatial_dims == 2 else 16)
 
     def nonzero(p):
@@ -183,7 +184,8 @@ def test_bad_label_is_refused():
 @pytest.mark.parametrize("kwargs,match", [({"anchor": "gauss"}, "anchor must be one of"),
                                           ({"semantic": "fft"}, "semantic must be one of"),
                                           ({"num_classes": 1}, "num_classes counts the background"),
-                                          ({"condition_channels": (8, 16, 32)}, "as many levels as channels")])
+                                          ({"condition_channels": (8, 16, 32)}, "as many levels as channels"),
+                                          ({"condition_backbone": "resnet"}, "condition_backbone must be one of")])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MedSegDiffV2(**{"spatial_dims": 2, "in_channels": 3, "num_classes": 2, "channels": (8, 16), **kwargs})
@@ -209,3 +211,57 @@ def test_equal_or_default_condition_widths_keep_the_state_dict_keys():
     # without a semantic path there is nothing to project, whatever the widths
     plain = tiny_model(semantic="none", condition_channels=(16, 32, 64))
     assert plain.semantic_proj is None
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, 32), (3, 16)])
+def test_condition_backbones_hand_over_the_same_features(spatial_dims, size):
+    """Both condition backbones give full-size anchor logits and a bottleneck c0 at the diffusion UNet's stride, for
+    any depth; the default is the nnU-Net-style plain UNet (instance norm, no GroupNorm, no time input)."""
+    in_channels = 1 if spatial_dims == 3 else 3
+    image = torch.randn(2, in_channels, *[size] * spatial_dims)
+    for channels in [(8, 16), (8, 16, 32, 32)]:
+        for backbone in ("plain", "residual"):
+            model = tiny_model(spatial_dims, in_channels, channels=channels, condition_backbone=backbone)
+            cond = model.condition(image)
+            assert cond.logits.shape == (2, 1, *[size] * spatial_dims)
+            stride = 2 ** (len(channels) - 1)
+            assert cond.semantic.shape == (2, channels[-1], *[size // stride] * spatial_dims)
+            assert model.condition_unet.divisor == model.divisor
+    default = tiny_model(spatial_dims, in_channels)
+    assert isinstance(default.condition_unet, PlainUNet) and default.condition_backbone == "plain"
+    norms = [type(m) for m in default.condition_unet.modules() if "Norm" in type(m).__name__]
+    assert norms and set(norms) == {torch.nn.InstanceNorm2d if spatial_dims == 2 else torch.nn.InstanceNorm3d}
+
+
+def test_plain_unet_learns_to_segment_a_synthetic_shape():
+    """Trained alone on the anchor loss, the plain condition UNet segments the synthetic blobs it was shown."""
+    torch.manual_seed(0)
+    image, label = synthetic_batch(16, 32, num_classes=2, seed=3)
+    net = PlainUNet(2, 3, 1, (8, 16, 32))
+    loss_fn = MedSegDiffLoss(2).anchor_loss
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = loss_fn(net(image), label.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = net(image) > 0
+    truth = label.bool()
+    assert float(2 * (pred & truth).sum() / (pred.sum() + truth.sum())) > 0.9
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_weights_of_the_other_condition_backbone_are_refused_by_name(prefix):
+    """A checkpoint of bundle < 0.4.0 (residual condition UNet) loaded into the default network names the setting to
+    change, instead of listing a hundred missing keys; the matching backbone loads."""
+    old = tiny_model(condition_backbone="residual")
+    state = {prefix + k: v for k, v in old.state_dict().items()}
+    with pytest.raises(ValueError, match="condition_backbone='residual'"):
+        tiny_model().load_state_dict(state)
+    if not prefix:
+        again = tiny_model(condition_backbone="residual")
+        again.load_state_dict(state)
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), state.values()))
+        with pytest.raises(ValueError, match="condition_backbone='plain'"):
+            again.load_state_dict(tiny_model().state_dict())

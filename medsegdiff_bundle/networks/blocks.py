@@ -7,6 +7,7 @@ All blocks are dimension-agnostic: ``spatial_dims`` picks Conv2d/Conv3d, and fea
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["GroupNorm", "group_norm", "conv", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
+__all__ = ["GroupNorm", "group_norm", "conv", "unet_widths", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
 
 
 class GroupNorm(nn.GroupNorm):
@@ -43,6 +44,16 @@ class GroupNorm(nn.GroupNorm):
 def group_norm(channels: int, num_groups: int = 8) -> GroupNorm:
     """:class:`GroupNorm` whose group count divides ``channels`` (tiny test widths stay valid)."""
     return GroupNorm(math.gcd(num_groups, channels), channels, eps=1e-5)
+
+
+def unet_widths(spatial_dims: int, channels: Sequence[int]) -> tuple[int, ...]:
+    """Check a UNet's ``spatial_dims`` (2 or 3) and per-level widths (at least two, positive); returns the widths."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    widths = tuple(int(c) for c in channels)
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"channels needs at least two positive widths, got {widths}.")
+    return widths
 
 
 def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Module:

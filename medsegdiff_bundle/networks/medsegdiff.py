@@ -16,21 +16,24 @@ are scaled to ``[-1, 1]`` (see :mod:`medsegdiff_bundle.diffusion.labels`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .anchor import SpatialAttentionGate, UncertainSpatialAttention
 from .blocks import TimestepEmbedding, conv
+from .plain_unet import PlainUNet
 from .ssformer import SSFormer
 from .unet import ResidualUNet
 
-__all__ = ["ConditionFeatures", "MedSegDiffV2", "ANCHOR_MODES", "SEMANTIC_MODES"]
+__all__ = ["ConditionFeatures", "MedSegDiffV2", "ANCHOR_MODES", "SEMANTIC_MODES", "CONDITION_BACKBONES"]
 
 ANCHOR_MODES = ("usa", "sa", "none")
 SEMANTIC_MODES = ("ssformer", "ssformer_nofilter", "none")
+CONDITION_BACKBONES = ("plain", "residual")
 
 
 @dataclass
@@ -75,6 +78,10 @@ class MedSegDiffV2(nn.Module):
             runs for every step and member, so a wide condition UNet with a light diffusion UNet buys accuracy of
             the anchor at little sampling cost (the official code also conditions on a separate nnU-Net). When its
             bottleneck width differs, a 1x1 convolution maps ``c0`` to the diffusion width for the SS-Former.
+        condition_backbone: ``"plain"`` (default): an nnU-Net-style plain UNet (:class:`PlainUNet`, instance norm,
+            LeakyReLU), which learns to segment much faster than the residual backbone; ``"residual"``: the
+            diffusion UNet's residual backbone without time input (GroupNorm, SiLU; the bundle's default before
+            0.4.0, whose checkpoints need it).
     """
 
     def __init__(
@@ -95,12 +102,15 @@ class MedSegDiffV2(nn.Module):
         norm_num_groups: int = 8,
         dropout: float = 0.0,
         condition_channels: Sequence[int] | None = None,
+        condition_backbone: str = "plain",
     ) -> None:
         super().__init__()
         if anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor must be one of {ANCHOR_MODES}, got {anchor!r}.")
         if semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic must be one of {SEMANTIC_MODES}, got {semantic!r}.")
+        if condition_backbone not in CONDITION_BACKBONES:
+            raise ValueError(f"condition_backbone must be one of {CONDITION_BACKBONES}, got {condition_backbone!r}.")
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
         if in_channels < 1:
@@ -120,9 +130,17 @@ class MedSegDiffV2(nn.Module):
                 f"condition_channels {cond_channels} must have as many levels as channels {channels}, so that the "
                 "two bottlenecks meet at the same resolution."
             )
-        self.condition_unet = ResidualUNet(
-            spatial_dims, in_channels, self.mask_channels, cond_channels, num_res_blocks, None, norm_num_groups, dropout
-        )
+        self.condition_backbone = condition_backbone
+        self.condition_unet: PlainUNet | ResidualUNet
+        if condition_backbone == "plain":
+            self.condition_unet = PlainUNet(
+                spatial_dims, in_channels, self.mask_channels, cond_channels, dropout=dropout
+            )
+        else:
+            self.condition_unet = ResidualUNet(
+                spatial_dims, in_channels, self.mask_channels, cond_channels, num_res_blocks, None, norm_num_groups,
+                dropout,
+            )
         self.time_embed = TimestepEmbedding(channels[0], temb_channels)
         self.diffusion_unet = ResidualUNet(
             spatial_dims, self.mask_channels, self.mask_channels, channels, num_res_blocks, temb_channels,
@@ -203,9 +221,31 @@ class MedSegDiffV2(nn.Module):
             e = self.ssformer(e, cond.semantic.to(e.dtype), temb)
         return net.decode(net.middle(e, temb), skips, temb)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, with a clear error for weights of the other condition backbone (e.g. a
+        checkpoint of bundle < 0.4.0, whose condition UNet was residual, loaded into the default network)."""
+        found = _condition_backbone_of(state_dict)
+        if found is not None and found != self.condition_backbone:
+            raise ValueError(
+                f"these weights have a {found!r} condition UNet but the network was built with condition_backbone="
+                f"{self.condition_backbone!r}; build it with condition_backbone={found!r} (bundle configs: "
+                f'"condition_backbone": "{found}"; checkpoints of bundle versions before 0.4.0 are "residual").'
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(
         self, x_t: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward: returns the noise prediction ``(B, M, *S)`` and the anchor logits ``(B, M, *S)``."""
         cond = self.condition(image)
         return self.denoise(x_t, timesteps, cond), cond.logits
+
+
+def _condition_backbone_of(state_dict: Mapping[str, Any]) -> str | None:
+    """Which condition backbone wrote ``state_dict`` (keys may carry a prefix such as DDP's ``module.``)."""
+    for key in state_dict:
+        if key.endswith("condition_unet.stem.weight"):
+            return "residual"
+        if key.endswith("condition_unet.enc_blocks.0.conv1.conv.weight"):
+            return "plain"
+    return None

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .blocks import Downsample, ResBlock, Upsample, conv, group_norm
+from .blocks import Downsample, ResBlock, Upsample, conv, group_norm, unet_widths
 
 __all__ = ["ResidualUNet"]
 
@@ -45,11 +45,7 @@ class ResidualUNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        channels = tuple(int(c) for c in channels)
-        if len(channels) < 2 or min(channels) < 1:
-            raise ValueError(f"channels needs at least two positive widths, got {channels}.")
+        channels = unet_widths(spatial_dims, channels)
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}.")
         self.spatial_dims = spatial_dims

@@ -25,7 +25,7 @@ The model
   ``L`` the number of levels, ``N = V_{L-1}`` the bottleneck tokens, ``M`` the mask channels, ``C_in`` the image
   channels, ``h`` the SS-Former heads and ``u = 4`` the SS-Former attention units (2 blocks x 2)::
 
-      levels           = B * sum_l V_l * w_l                 every ResBlock/down/up/skip tensor of both UNets
+      levels           = B * sum_l V_l * w_l                 every block/down/up/skip tensor of both UNets   
       extra_res_blocks = B * (num_res_blocks - 1) * sum_l V_l * w_l
       bottleneck       = B * N * w_{L-1}                     middle blocks + SS-Former tokens, NBP-Filter spectra
       full_res_io      = B * V_0 * (C_in + M)                image, noisy mask, anchor/U-SA maps, loss tensors
@@ -36,10 +36,11 @@ The model
   (sum of ``nbytes`` of the unique storages packed during one forward of ``diffusion_forward``, parameters
   excluded since they are in ``static``) on CPU at small 2D/3D patch sizes, several widths/depths, 1-2 residual
   blocks, 1-4 input channels and binary/multi-class masks (:func:`measure_saved_activations`).
-  The ``attention`` term is real: the SS-Former's band-passed queries/keys leave ``_band_pass`` with a
-  non-unit stride in the last dimension, so ``scaled_dot_product_attention`` falls back to its math kernel
-  (CPU and CUDA alike), which keeps the ``h x N x N`` attention weights for backward (fitted ~5.5 bytes per
-  element). Should the SS-Former make them contiguous (flash/memory-efficient kernels, no ``N**2`` memory), rerun
+  The ``attention`` term is real: the SS-Former's band-passed queries/keys leave ``_band_pass`` with a non-unit
+  stride in the last dimension, so ``scaled_dot_product_attention`` falls back to its math kernel (CPU and CUDA
+  alike), which keeps the ``h x N x N`` attention weights for backward (fitted 1.0 bytes per element, 5.5 in the fit
+  before bundle 0.4.0: the term is small at the fit sizes, so the fit trades it against the bottleneck term).
+  Should the SS-Former make them contiguous (flash/memory-efficient kernels, no ``N**2`` memory), rerun
   ``benchmarks/memory_fit.py``: the coefficient then drops to ~0.
 * ``optimizer_workspace``: the peak growth during ``clip_grad_norm_`` + ``AdamW.step`` (foreach temporaries),
   ``optimizer_factor * 4 P``; it only matters for tiny patches.
@@ -47,16 +48,18 @@ The model
   and the bf16 weight copies that autocast keeps for backward (``2 P``) are added. CUDA autocast runs torch's
   GroupNorm in fp32; the package's own ``GroupNorm`` (bundle 0.3.0) stays bf16, and with it the prediction held on
   an H200 (2D 256², default widths, batch 8-32: measured peaks 0.89-0.91× the prediction, 1.34-1.37× with torch's
-  GroupNorm). The planner still budgets with the fp32 prediction (an upper bound) until 3D is measured on a GPU --
-  see :mod:`medsegdiff_bundle.planning.planner`.
+  GroupNorm; that was the residual condition UNet of bundle 0.3, not yet rerun with the plain one). The planner
+  still budgets with the fp32 prediction (an upper bound) until 3D is measured on a GPU -- see
+  :mod:`medsegdiff_bundle.planning.planner`.
 
-Fitted on torch 2.13 CPU (``memory_model.json``): coefficients (bytes/element) levels 173.1, extra_res_blocks
-102.9, bottleneck 292.3, full_res_io 28.7, attention 5.5; largest fit residual 2.8% (17 configurations);
-``overhead_factor`` 1.040 (2D 96^2 b2: 1.024, 3D 40^3 b1: 1.053); ``amp_activation_ratio`` 0.526. Held-out
-validation (predicted vs measured peak): 2D 128^2/192^2/256^2 b2 (widths 32..256) +1.2%/+2.5%/+4.1%, 3D 48^3/64^3 b1
-(widths 16..128) -0.8%/-0.6%. Known CPU-only gap: PyTorch sends small 3D convolutions (input below ~1M elements)
-to its im2col ``Slow3d`` kernel, whose transient column buffer (``C_in * 27 * V * 4`` bytes) the model leaves out
-(3D 32^3, widths 16..: 1.47x the saved activations); cuDNN and the CPU mkldnn path for larger inputs have none.
+Fitted on torch 2.13 CPU (``memory_model.json``, bundle 0.4.0's default network: plain condition UNet):
+coefficients (bytes/element) levels 132.1, extra_res_blocks 55.0, bottleneck 307.7, full_res_io 34.8, attention
+1.0; largest fit residual 3.1% (17 configurations); ``overhead_factor`` 1.045 (2D 96^2 b2: 1.029, 3D 40^3 b1:
+1.058); ``amp_activation_ratio`` 0.529. Held-out validation (predicted vs measured peak): 2D 128^2/192^2/256^2 b2
+(widths 32..256) +1.2%/+2.3%/+3.7%, 3D 48^3/64^3 b1 (widths 16..128) -0.9%/-0.7%. Known CPU-only gap: PyTorch sends
+small 3D convolutions (input below ~1M elements) to its im2col ``Slow3d`` kernel, whose transient column buffer
+(``C_in * 27 * V * 4`` bytes) the model leaves out (3D 32^3, widths 16..: 1.47x the saved activations); cuDNN and
+the CPU mkldnn path for larger inputs have none.
 
 Validation (``benchmarks/memory_fit.py``): a training step run in a fresh process per configuration,
 peak measured with ``torch.profiler`` (``profile_memory=True``: every allocation/free of PyTorch's CPU allocator,
