@@ -286,7 +286,8 @@ def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, vari
     cases = [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")} for c in ids]
     transform = build_preprocessing(2, "validate", [args.size] * 2, 2, label_threshold=LABEL_THRESHOLD)
     batch = next(iter(DataLoader(Dataset(cases, transform), batch_size=len(cases))))
-    network = MedSegDiffV2(2, 3, 2, args.channels, condition_channels=args.condition_channels, **variant)
+    network = MedSegDiffV2(2, 3, 2, args.channels, condition_channels=args.condition_channels,
+                           condition_backbone=args.condition_backbone, **variant)
     network.load_state_dict(torch.load(final_ema_weights(root), map_location="cpu", weights_only=True))
     network.to(device).eval()
     image, label = (torch.as_tensor(batch[k]).to(device) for k in ("image", "label"))
@@ -472,6 +473,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="MedSegDiff-V2 widths")
     p.add_argument("--condition-channels", type=int, nargs="+", default=None,
                    help="MedSegDiff-V2 condition-UNet widths (default: --channels)")
+    p.add_argument("--condition-backbone", choices=("plain", "residual"), default="plain",
+                   help="MedSegDiff-V2 condition UNet (MedSegDiffV2 condition_backbone; residual: bundle < 0.4.0)")
     p.add_argument("--sampler", default="dpmpp", help="MedSegDiff sampler for the test evaluation")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--ensemble", type=int, default=5, help="ensemble members per image")
@@ -542,7 +545,8 @@ def main(argv=None) -> int:
 
     common = {"dataset_dir": str(data.resolve()), "label_threshold": LABEL_THRESHOLD, "patch_size": [args.size] * 2,
               "channels": list(args.channels), "num_workers": args.num_workers, "seed": args.seed,
-              "condition_channels": list(args.condition_channels) if args.condition_channels else None}
+              "condition_channels": list(args.condition_channels) if args.condition_channels else None,
+              "condition_backbone": args.condition_backbone}
     train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
                    "learning_rate": args.lr, "iterations_per_epoch": args.iterations_per_epoch,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),

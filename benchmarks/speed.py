@@ -55,7 +55,7 @@ from medsegdiff_bundle.engine.fastpath import (  # noqa: E402
     without_cudagraphs,
 )
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
-from medsegdiff_bundle.networks import MedSegDiffV2  # noqa: E402
+from medsegdiff_bundle.networks import CONDITION_BACKBONES, MedSegDiffV2  # noqa: E402
 from medsegdiff_bundle.networks.blocks import GroupNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,14 +63,14 @@ from op_profile import profile_ops  # noqa: E402
 
 # name -> MedSegDiffV2 keyword arguments
 PRESETS: dict[str, dict] = {
-    # CPU-friendly: ~3.7 M parameters (2D, 3 input channels, binary)
+    # CPU-friendly: ~2.9 M parameters (2D, 3 input channels, binary; 3.7 M with bundle 0.3's residual condition UNet)
     "small": {"channels": (16, 32, 64, 128), "num_res_blocks": 1},
-    # the package default MedSegDiffV2: ~14.5 M parameters
+    # the package default MedSegDiffV2: ~11.1 M parameters (14.5 M with the residual condition UNet)
     "default": {"channels": (32, 64, 128, 256), "num_res_blocks": 1},
     # for comparability with the paper's model size (MedSegDiff-V2 reports ~129 M parameters): two residual
-    # blocks per level, widths 128/256/512/512 -> ~130 M parameters (2D, 3 input channels, binary). Not the
-    # paper's exact architecture (which was not released), the same order of compute.
-    "paper": {"channels": (128, 256, 512, 512), "num_res_blocks": 2},
+    # blocks per level, widths 128/256/512/512, residual condition UNet -> ~130 M parameters (2D, 3 input channels,
+    # binary). Not the paper's exact architecture (which was not released), the same order of compute.
+    "paper": {"channels": (128, 256, 512, 512), "num_res_blocks": 2, "condition_backbone": "residual"},
 }
 
 # defaults that depend on --spatial-dims: 2D = 256^2, ensemble 5; 3D = 96^3 patch, ensemble 3
@@ -431,6 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size (see PRESETS)")
     p.add_argument("--condition-channels", type=int, nargs="+", default=None,
                    help="condition-UNet widths, as many levels as the preset's (default: the preset's widths)")
+    p.add_argument("--condition-backbone", choices=CONDITION_BACKBONES, default=None,
+                   help="condition UNet (default: the preset's; the package default is plain)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--size", type=int, default=None, help="spatial size per axis (default 256 in 2D, 96 in 3D)")
@@ -502,7 +504,9 @@ def main(argv: list[str] | None = None) -> dict:
     now = _dt.datetime.now()
     date = now.strftime("%Y-%m-%d")
 
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.condition_backbone:
+        preset["condition_backbone"] = args.condition_backbone
     try:
         network = MedSegDiffV2(
             spatial_dims=args.spatial_dims, in_channels=args.in_channels, num_classes=args.num_classes,
@@ -525,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
         "channels": list(preset["channels"]),
         "condition_channels": list(args.condition_channels or preset["channels"]),
         "num_res_blocks": preset["num_res_blocks"],
+        "condition_backbone": network.condition_backbone,
         "parameter_count": n_params,
         "input_shape": [args.in_channels] + [args.size] * args.spatial_dims,
         "torch_num_threads": torch.get_num_threads(),

@@ -226,3 +226,21 @@ def test_data_cache_benchmark_measures_every_cache(tmp_path):
             assert _positive_finite(run[key]), (run["cache"], key)
     bad = subprocess.run(cmd[:2] + ["--synthetic", "--caches", "ram"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown ['ram']" in bad.stderr
+
+
+def test_condition_probe_trains_every_backbone_alike(tmp_path):
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "condition_probe.py"), "--synthetic", "--iterations", "3",
+           "--size", "32", "--channels", "8", "16", "--batch-size", "2", "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["data"] == "synthetic" and result["train_cases"] == 8
+    assert [r["model"] for r in result["runs"]] == ["plain", "residual", "dynunet"]
+    for run in result["runs"]:
+        assert run["iterations"] == 3 and run["held_out_cases"] == 4
+        assert 0.0 <= run["held_out_dice"] <= 1.0 and _positive_finite(run["s_per_iteration"])
+    # the two condition backbones at the same widths are different networks
+    assert result["runs"][0]["parameters_m"] != result["runs"][1]["parameters_m"]
+    bad = subprocess.run(cmd[:2] + ["--synthetic", "--models", "vit"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown ['vit']" in bad.stderr
