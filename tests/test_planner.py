@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,8 +157,36 @@ def test_normalization_scheme_per_modality():
     assert normalization_scheme("MR")["scheme"] == "zscore"
     assert normalization_scheme("grey")["scheme"] == "zscore"
     assert normalization_scheme("RGB") == {"scheme": "rgb", "clip": [0.0, 255.0], "mean": None, "std": None}
+    # nnU-Net v2 dataset.json colour channel names (our converters write R/G/B) are colour too
+    for name in ("R", "G", "b", "rgb_to_0_1"):
+        assert normalization_scheme(name) == normalization_scheme("RGB"), name
     with pytest.raises(ValueError):
         normalization_scheme("CT")
+
+
+def test_a_converted_kvasir_layout_plans_rgb_normalisation(tmp_path):
+    """``medsegdiff convert kvasir_seg`` names the channels R, G, B in dataset.json; the plan scales them /255."""
+    from PIL import Image
+
+    from medsegdiff_bundle.data.converters import convert
+    from medsegdiff_bundle.planning.fingerprint import extract_fingerprint
+    from medsegdiff_bundle.planning.planner import bundle_overrides, plan_dataset
+
+    src = tmp_path / "Kvasir-SEG"
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (src / folder).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(src / "images" / f"c{i}.jpg")
+        mask = np.zeros((40, 48, 3), np.uint8)
+        mask[10:30, 12:36] = 255
+        Image.fromarray(mask).save(src / "masks" / f"c{i}.jpg")
+    datalist = convert("kvasir_seg", src, tmp_path / "converted")
+    fp = extract_fingerprint(datalist, label_threshold=127)
+    assert fp["modality_source"] == "dataset.json" and fp["modality"] == ["R", "G", "B"]
+    plans = plan_dataset(fp, gpu_memory_gb=24, gpus=1, cpu_count=2)
+    assert [n["scheme"] for n in plans["normalization"]] == ["rgb"] * 3
+    assert bundle_overrides(plans)["normalization"] == "rgb"
 
 
 def test_normalization_schemes_accept_list_or_dict_fingerprints():

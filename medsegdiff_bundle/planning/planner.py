@@ -216,12 +216,18 @@ def resampled_shape(fp: Mapping, spacing: Sequence[float]) -> list[int]:
     ]
 
 
+#: channel names (upper case) normalised as 8-bit colour
+RGB_CHANNEL_NAMES = ("RGB", "R", "G", "B", "RGB_TO_0_1")
+
+
 def normalization_scheme(modality: str, intensity: Mapping | None = None) -> dict[str, Any]:
     """Normalisation of one channel.
 
     * ``CT``: ``{"scheme": "ct", "clip": [p0.5, p99.5], "mean": m, "std": s}`` from the foreground intensities
       (nnU-Net's CTNormalization: clip, then ``(x - m) / s``).
-    * ``RGB``: ``{"scheme": "rgb", "clip": [0, 255]}``, scaled to [0, 1].
+    * ``RGB``, or a colour channel named as in nnU-Net v2 ``dataset.json`` files (``R``, ``G``, ``B``,
+      ``rgb_to_0_1``; our converters write ``R``/``G``/``B``): ``{"scheme": "rgb", "clip": [0, 255]}``, scaled to
+      [0, 1].
     * anything else (MR, grey, ...): ``{"scheme": "zscore"}`` per image (mean/std computed at run time).
     """
     mod = str(modality).upper()
@@ -234,7 +240,7 @@ def normalization_scheme(modality: str, intensity: Mapping | None = None) -> dic
             "mean": float(intensity["mean"]),
             "std": max(float(intensity["std"]), 1e-8),
         }
-    if mod == "RGB":
+    if mod in RGB_CHANNEL_NAMES:
         return {"scheme": "rgb", "clip": [0.0, 255.0], "mean": None, "std": None}
     return {"scheme": "zscore", "clip": None, "mean": None, "std": None}
 
