@@ -64,15 +64,16 @@ class MedSegDiffV2(nn.Module):
         in_channels: image channels (e.g. 3 for RGB, 4 for BraTS MRI).
         num_classes: classes including background (2 for binary).
         channels: widths per level of the diffusion UNet (and of the condition UNet unless ``condition_channels``).
-        num_res_blocks: residual blocks per level.
+        num_res_blocks: residual blocks per level of the residual UNets (D; C too with ``condition_backbone="residual"``;
+            the plain C has two convolutions per level).
         anchor: ``"usa"`` (default), ``"sa"`` (plain spatial attention) or ``"none"``.
         semantic: ``"ssformer"`` (default), ``"ssformer_nofilter"`` (H == 1) or ``"none"``.
         ss_blocks: SS-Former depth ``N``.
         ss_heads: SS-Former heads (``None``: automatic, head width >= 32 when possible).
         nbp_hidden, nbp_blocks, nbp_bands: NBP-Filter size.
         gaussian_kernel_size: U-SA Gaussian kernel size per axis.
-        norm_num_groups: GroupNorm groups.
-        dropout: dropout in residual blocks.
+        norm_num_groups: GroupNorm groups of the residual UNets (the plain C uses instance norm).
+        dropout: dropout in the blocks of both UNets.
         condition_channels: widths per level of the condition UNet, as many levels as ``channels``; ``None``
             (default) uses ``channels``. The condition UNet runs once per image at inference while the diffusion UNet
             runs for every step and member, so a wide condition UNet with a light diffusion UNet buys accuracy of
