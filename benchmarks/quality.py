@@ -457,6 +457,7 @@ def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, d
 # -------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     from medsegdiff_bundle.engine.fastpath import COMPILE_MODES
+    from medsegdiff_bundle.networks import CONDITION_BACKBONES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -473,7 +474,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="MedSegDiff-V2 widths")
     p.add_argument("--condition-channels", type=int, nargs="+", default=None,
                    help="MedSegDiff-V2 condition-UNet widths (default: --channels)")
-    p.add_argument("--condition-backbone", choices=("plain", "residual"), default="plain",
+    p.add_argument("--condition-backbone", choices=CONDITION_BACKBONES, default="plain",
                    help="MedSegDiff-V2 condition UNet (MedSegDiffV2 condition_backbone; residual: bundle < 0.4.0)")
     p.add_argument("--sampler", default="dpmpp", help="MedSegDiff sampler for the test evaluation")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
