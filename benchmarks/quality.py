@@ -19,6 +19,10 @@ training resumes from its last checkpoint with the rest of the budget):
   ``metrics.csv``), ``ddpm/`` and ``ablation_<variant>/`` when asked for;
 * the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
 
+Each ``--ablations`` variant trains with the same budget and settings as the main model, which stands in for its own
+variant (``usa+ssformer``) without retraining; with an anchor blend, every variant is also scored by its diffusion
+ensemble alone, since the switches change what conditions the denoiser.
+
 Both models are scored with their FINAL weights after the budget (MedSegDiff: the EMA weights of the last
 checkpoint), so the validation fold never selects a model.
 
@@ -255,6 +259,13 @@ def final_ema_weights(root: Path) -> Path:
 
 # switches that change how fast a sampler runs, not what it computes: a finished evaluation serves either way
 _SPEED_ONLY = ("compile", "compile_mode")
+
+
+def trained_iterations(root: Path) -> int | None:
+    """Training iterations the bundle ran in ``root`` (the last row of ``eval/training_log.csv``), or None."""
+    log = root / "eval" / "training_log.csv"
+    rows = log.read_text(encoding="utf-8").split() if log.is_file() else []
+    return int(rows[-1].split(",")[0]) if len(rows) > 1 else None
 
 
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
@@ -597,7 +608,8 @@ def main(argv=None) -> int:
     msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
                               f"evaluation{rounded}{blended}")
     result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
-                   "train_minutes_medsegdiff": msd_minutes, "medsegdiff": msd})
+                   "train_minutes_medsegdiff": msd_minutes, "iterations_medsegdiff": trained_iterations(msd_root),
+                   "medsegdiff": msd})
     if blended:  # the diffusion ensemble alone beside the blend, for the record
         alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
                                     f"evaluation{rounded}")
@@ -647,15 +659,17 @@ def main(argv=None) -> int:
         result["ablations"] = {}
         for v in variants:
             settings = variant_settings(v)
-            if settings == main_variant:
-                res, minutes = msd, msd_minutes
-            else:
-                root = out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
-                minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
-                res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
-                                          f"evaluation{rounded}{blended}")
+            root = msd_root if settings == main_variant else \
+                out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
+            minutes = msd_minutes if root == msd_root else \
+                train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
+            res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra, f"evaluation{rounded}{blended}")
             result["ablations"][v] = {**settings, "dice": res["dice"], "iou": res["iou"], "hd95": res["hd95"],
-                                      "train_minutes": minutes}
+                                      "train_minutes": minutes, "iterations": trained_iterations(root)}
+            if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
+                alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
+                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+                result["ablations"][v]["ensemble_only"] = {k: alone[k] for k in ("dice", "iou", "hd95")}
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
     date = result["date"]
@@ -697,6 +711,9 @@ def main(argv=None) -> int:
     for v, r in result.get("ablations", {}).items():
         print(f"{f'ablation {v}':<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
               f"{r['train_minutes']:>11.2f}")
+        if "ensemble_only" in r:
+            e = r["ensemble_only"]
+            print(f"{'  the ensemble alone':<44}{fmt(e['dice']):>8}{fmt(e['iou']):>8}{fmt(e['hd95']):>10}")
     print(f"results: {out_json}")
     return 0
 

@@ -134,6 +134,29 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "SupervisedEvaluator" in proc4.stdout + proc4.stderr  # sampled again
     assert json.loads(results[0].read_text(encoding="utf-8"))["sampler"] == "ddim"
 
+    # ablations at the same budget: the full variant is the main model (not retrained), the others train in folders
+    # of their own without the switched-off modules, and with a blend each is also scored by its ensemble alone
+    proc6 = subprocess.run(
+        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--sampler", "ddim", "--skip-baseline", "--anchor-weight", "0.5",
+         "--ablations", "none,usa+ssformer"],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
+    )
+    assert proc6.returncode == 0, proc6.stdout[-4000:] + proc6.stderr[-4000:]
+    res6 = json.loads(results[0].read_text(encoding="utf-8"))
+    full, none = res6["ablations"]["usa+ssformer"], res6["ablations"]["none"]
+    assert full["dice"] == res6["dice_medsegdiff"] and full["iterations"] == res["iterations_medsegdiff"] > 0
+    assert full["ensemble_only"]["dice"] == res6["ensemble_only"]["dice"]
+    assert (none["anchor"], none["semantic"]) == ("none", "none") and none["iterations"] > 0
+    assert 0.0 <= none["dice"] <= 1.0 and 0.0 <= none["ensemble_only"]["dice"] <= 1.0
+    import torch
+
+    def weight_names(folder):
+        return torch.load(tmp_path / folder / "models" / "final_ema.pt", weights_only=True).keys()
+
+    assert not any(k.startswith(("anchor.", "ssformer.")) for k in weight_names("ablation_none"))
+    assert any(k.startswith("ssformer.") for k in weight_names("medsegdiff"))
+    assert not (tmp_path / "ablation_usa-ssformer").exists()
+
     # other training settings into the same folders: refused, naming what differs, before anything is trained
     for extra, named in ((["--lr", "0.5"], "learning_rate"), (["--seed", "1"], "seed"),
                          (["--baseline-lr", "0.5", "--sampler", "ddim"], "'lr'")):
