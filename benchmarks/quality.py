@@ -140,6 +140,11 @@ def read_json(path: Path) -> dict:
     return read_json_object(path, "state file") if path.is_file() else {}
 
 
+def scores(summary: dict, *extra: str) -> dict:
+    """Dice / IoU / HD95 (and ``extra`` keys) of a :func:`summarize` result."""
+    return {k: summary[k] for k in ("dice", "iou", "hd95", *extra)}
+
+
 def summarize(metrics_csv: Path) -> dict:
     """Mean over cases of Dice / IoU, mean HD95 over the cases where it is defined (both masks non-empty)."""
     import pandas as pd
@@ -154,6 +159,26 @@ def summarize(metrics_csv: Path) -> dict:
         "cases": int(len(per_case)),
         "metrics_csv": str(metrics_csv),
     }
+
+
+def paired_difference(reference_csv: Path, other_csv: Path, metric: str = "dice") -> dict:
+    """``other − reference`` per test case (each case's mean over classes), for two evaluations of the same cases: the
+    mean, its standard error, the median and how many cases each side wins, so that a gap between two samplers or
+    two variants can be read against the case-to-case spread.
+
+    Raises:
+        SystemExit: the two evaluations scored different cases (the message names both files).
+    """
+    import pandas as pd
+
+    ref, other = (pd.read_csv(f).groupby("case")[metric].mean() for f in (reference_csv, other_csv))
+    if set(ref.index) != set(other.index):
+        raise SystemExit(f"error: {reference_csv} and {other_csv} scored different cases; cannot pair them.")
+    diff = other - ref.loc[other.index]
+    n = len(diff)
+    return {"metric": metric, "cases": n, "mean": float(diff.mean()),
+            "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "median": float(diff.median()), "cases_higher": int((diff > 0).sum()), "cases_lower": int((diff < 0).sum())}
 
 
 def write_datalists(out: Path, data: Path, train: list[str], val: list[str], test: list[str]) -> tuple[Path, Path]:
@@ -214,9 +239,9 @@ def check_training_settings(root: Path, settings: dict) -> None:
     write_json(stamp, wanted)
 
 
-def train_medsegdiff(root: Path, minutes: float, settings: dict, train_extra: dict) -> float:
-    """Bundle training with a wall-clock budget; resumable with the same settings (see
-    :func:`check_training_settings`). Returns the training minutes used (all sessions)."""
+def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_extra: dict) -> float:
+    """Bundle training with a wall-clock budget (``None``: none, ``train_extra["max_epochs"]`` ends it); resumable
+    with the same settings (see :func:`check_training_settings`). Returns the training minutes used (all sessions)."""
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
     from medsegdiff_bundle.engine.workflow import run_bundle
 
@@ -229,12 +254,12 @@ def train_medsegdiff(root: Path, minutes: float, settings: dict, train_extra: di
     ckpt = latest_checkpoint(root / "models")
     if ckpt and state.get("segment_start"):  # an interrupted session: count its time up to its last checkpoint
         elapsed += max(0.0, (os.path.getmtime(ckpt) - state["segment_start"]) / 60.0)
-    remaining = minutes - elapsed
-    if remaining > 0 or ckpt is None:
+    remaining = None if minutes is None else minutes - elapsed
+    if remaining is None or remaining > 0 or ckpt is None:
         write_json(state_path, {"elapsed_min": elapsed, "segment_start": time.time(), "done": False})
         start = time.monotonic()
-        run_bundle("train", "train", root, resume=ckpt is not None, time_budget_minutes=max(remaining, 1e-6),
-                   **settings, **train_extra)
+        run_bundle("train", "train", root, resume=ckpt is not None,
+                   time_budget_minutes=None if remaining is None else max(remaining, 1e-6), **settings, **train_extra)
         elapsed += (time.monotonic() - start) / 60.0
     write_json(state_path, {"elapsed_min": elapsed, "done": True})
     return elapsed
@@ -261,11 +286,12 @@ def final_ema_weights(root: Path) -> Path:
 _SPEED_ONLY = ("compile", "compile_mode")
 
 
-def trained_iterations(root: Path) -> int | None:
-    """Training iterations the bundle ran in ``root`` (the last row of ``eval/training_log.csv``), or None."""
+def trained_iterations(root: Path, column: int = 0) -> int | None:
+    """Training iterations (``column`` 1: epochs) the bundle ran in ``root``, from the last row of
+    ``eval/training_log.csv``; None before the first iteration."""
     log = root / "eval" / "training_log.csv"
     rows = log.read_text(encoding="utf-8").split() if log.is_file() else []
-    return int(rows[-1].split(",")[0]) if len(rows) > 1 else None
+    return int(rows[-1].split(",")[column]) if len(rows) > 1 else None
 
 
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
@@ -283,6 +309,16 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
                    output_dir=str(out_dir), save_overlay=False, **settings, **eval_extra)
         write_json(stamp, wanted)
     return summarize(metrics)
+
+
+# anchor_weight 1 replaces the sample by the condition UNet's anchor, so one member of one step is enough
+_ANCHOR_ONLY = {"sampler": "ddim", "steps": 1, "ensemble": 1, "round_x0": False, "anchor_weight": 1.0}
+
+
+def evaluate_anchor(root: Path, test_dl: Path, settings: dict) -> dict:
+    """The condition UNet's own segmentation (the anchor) scored like the samples, into ``eval/anchor_only``: what
+    the conditioning model reaches by itself, apart from what the denoiser makes of it."""
+    return evaluate_medsegdiff(root, test_dl, settings, _ANCHOR_ONLY, "anchor_only")
 
 
 def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, variant: dict, device):
@@ -513,6 +549,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trajectory", type=int, default=0, metavar="N",
                    help="Dice after every sampler step on the first N test cases (at --size), next to the anchor's")
     p.add_argument("--ablations", default="", help="comma-separated variants, e.g. none,sa,usa,usa+ssformer")
+    p.add_argument("--ablation-budget", choices=("time", "epochs"), default="time",
+                   help="each ablation variant trains for --minutes (time), or for as many epochs as the main model "
+                        "did, without a time limit (epochs: the same number of iterations, into "
+                        "ablation_<variant>_equal_epochs/ and the result key ablations_equal_epochs)")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--write-split", action="store_true", help="rewrite benchmarks/splits/kvasir_seg_split.json")
     p.add_argument("--seed", type=int, default=0)
@@ -613,7 +653,8 @@ def main(argv=None) -> int:
     if blended:  # the diffusion ensemble alone beside the blend, for the record
         alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
                                     f"evaluation{rounded}")
-        result["ensemble_only"] = {k: alone[k] for k in ("dice", "iou", "hd95", "cases")}
+        result["ensemble_only"] = scores(alone, "cases")
+        result["anchor_only"] = scores(evaluate_anchor(msd_root, test_dl, {**common, **main_variant}), "cases")
 
     # (b) DynUNet baseline
     topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
@@ -648,28 +689,45 @@ def main(argv=None) -> int:
                           "iou_ddpm1000": ddpm["iou"], "hd95_ddpm1000": ddpm["hd95"],
                           f"dice_{args.sampler}{args.steps}": fast["dice"], "dice_fast": fast["dice"],
                           "iou_fast": fast["iou"], "hd95_fast": fast["hd95"],
+                          "dice_ddpm1000_minus_fast": paired_difference(Path(fast["metrics_csv"]),
+                                                                        Path(ddpm["metrics_csv"])),
                           "ddpm_eval_minutes_this_run": (time.monotonic() - ddpm_t) / 60.0}
 
     if args.trajectory > 0:
         result["trajectory"] = sampler_trajectory(msd_root, data, test_ids, args, main_variant, device)
 
-    # ablations: same budget, same data, only anchor / semantic differ
+    # ablations: same budget (wall clock, or the main model's epochs), same data, only anchor / semantic differ
     variants = [v.strip() for v in args.ablations.split(",") if v.strip()]
     if variants:
-        result["ablations"] = {}
+        equal_epochs = args.ablation_budget == "epochs"
+        key = "ablations_equal_epochs" if equal_epochs else "ablations"
+        result[key] = {}
+        if equal_epochs:
+            result["ablation_epochs"] = trained_iterations(msd_root, column=1)
         for v in variants:
             settings = variant_settings(v)
             root = msd_root if settings == main_variant else \
-                out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}"
-            minutes = msd_minutes if root == msd_root else \
-                train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
-            res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra, f"evaluation{rounded}{blended}")
-            result["ablations"][v] = {**settings, "dice": res["dice"], "iou": res["iou"], "hd95": res["hd95"],
-                                      "train_minutes": minutes, "iterations": trained_iterations(root)}
+                out / f"ablation_{re.sub(r'[^a-z0-9_]+', '-', v.lower())}{'_equal_epochs' if equal_epochs else ''}"
+            if root == msd_root:
+                minutes = msd_minutes
+            elif equal_epochs:
+                minutes = train_medsegdiff(root, None, {**common, **settings},
+                                           {**train_extra, "max_epochs": result["ablation_epochs"]})
+            else:
+                minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
+            res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
+                                      f"evaluation{rounded}{blended}")
+            entry = result[key][v] = {
+                **settings, **scores(res), "train_minutes": minutes, "iterations": trained_iterations(root),
+                "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
+                "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}))}
             if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
                 alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
-                result["ablations"][v]["ensemble_only"] = {k: alone[k] for k in ("dice", "iou", "hd95")}
+                main_alone = msd_root / "eval" / f"evaluation{rounded}" / "metrics.csv"
+                entry["ensemble_only"] = {**scores(alone),
+                                          "dice_minus_main_model": paired_difference(main_alone,
+                                                                                     Path(alone["metrics_csv"]))}
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
     date = result["date"]
@@ -693,27 +751,34 @@ def main(argv=None) -> int:
     if "dice_baseline" in result:
         print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
+    def row(name: str, r: dict) -> None:
+        print(f"{name:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}")
+
     if "ensemble_only" in result:
-        e = result["ensemble_only"]
-        print(f"{'  the ensemble alone (no anchor)':<44}{fmt(e['dice']):>8}{fmt(e['iou']):>8}{fmt(e['hd95']):>10}")
+        row("  the ensemble alone (no anchor)", result["ensemble_only"])
+        row("  the anchor alone (condition UNet)", result["anchor_only"])
     if "anchor_weight_selection" in result:
         sel = result["anchor_weight_selection"]
         print(f"anchor_weight {sel['anchor_weight']:g} selected on the {sel['selected_on']}: Dice by weight "
               f"{sel['validation_dice']}")
     if "ddpm" in result:
         d = result["ddpm"]
+        gap = d["dice_ddpm1000_minus_fast"]
         print(f"first {d['cases']} test cases: Dice DDPM-1000 {fmt(d['dice_ddpm1000'])} vs "
-              f"{args.sampler}-{args.steps} {fmt(d['dice_fast'])}")
+              f"{args.sampler}-{args.steps} {fmt(d['dice_fast'])} (per case: {gap['mean']:+.4f} "
+              f"± {gap['standard_error']:.4f} s.e., median {gap['median']:+.4f})")
     if "trajectory" in result:
         tr = result["trajectory"]
         print(f"first {tr['cases']} test cases at {tr['size']}²: anchor Dice {fmt(tr['anchor_dice'])}, predicted x0 after "
               f"step 1 {fmt(tr['first_step_dice'])}, best step {fmt(tr['best_step_dice'])}, final {fmt(tr['final_dice'])}")
-    for v, r in result.get("ablations", {}).items():
-        print(f"{f'ablation {v}':<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
+    ablations = {f"ablation {v}": r for v, r in result.get("ablations", {}).items()}
+    ablations.update({f"ablation {v}, equal epochs": r for v, r in result.get("ablations_equal_epochs", {}).items()})
+    for v, r in ablations.items():
+        print(f"{v:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
               f"{r['train_minutes']:>11.2f}")
         if "ensemble_only" in r:
-            e = r["ensemble_only"]
-            print(f"{'  the ensemble alone':<44}{fmt(e['dice']):>8}{fmt(e['iou']):>8}{fmt(e['hd95']):>10}")
+            row("  the ensemble alone", r["ensemble_only"])
+        row("  the anchor alone", r["anchor_only"])
     print(f"results: {out_json}")
     return 0
 

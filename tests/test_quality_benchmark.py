@@ -48,10 +48,11 @@ def test_split_file_is_names_only_and_follows_its_rule():
 def test_quality_benchmark_smoke(tmp_path):
     start = time.monotonic()
     SAME_TRAINING = ["--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2"]  # the reruns resume it
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *SAME_TRAINING],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-    )
+
+    def run_script(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SCRIPT), *SAME_TRAINING, *extra], cwd=REPO, capture_output=True,
+                              text=True, encoding="utf-8", errors="replace", timeout=600)
+    proc = run_script()
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = list(tmp_path.glob("quality_*.json"))
@@ -82,10 +83,7 @@ def test_quality_benchmark_smoke(tmp_path):
     assert all(Path(c["image"]).is_absolute() for c in train + test)
 
     # a rerun is resumable: everything is found done and nothing retrains; it adds the per-step trajectory
-    proc2 = subprocess.run(
-        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--trajectory", "3"],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-    )
+    proc2 = run_script("--trajectory", "3")
     assert proc2.returncode == 0, proc2.stdout[-4000:] + proc2.stderr[-4000:]
     res2 = json.loads(results[0].read_text(encoding="utf-8"))
     assert res2["dice_medsegdiff"] == res["dice_medsegdiff"] and res2["dice_baseline"] == res["dice_baseline"]
@@ -99,10 +97,7 @@ def test_quality_benchmark_smoke(tmp_path):
     print(f"smoke run: {elapsed:.1f} s")
 
     # a third rerun selects the anchor blend on the validation fold and evaluates the test cases with it
-    proc3 = subprocess.run(
-        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--anchor-weight", "select", "--skip-baseline"],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-    )
+    proc3 = run_script("--anchor-weight", "select", "--skip-baseline")
     assert proc3.returncode == 0, proc3.stdout[-4000:] + proc3.stderr[-4000:]
     res3 = json.loads(results[0].read_text(encoding="utf-8"))
     sel = res3["anchor_weight_selection"]
@@ -125,10 +120,7 @@ def test_quality_benchmark_smoke(tmp_path):
     # other sampler settings are evaluated again, not served from the finished evaluation of the first run
     stamp = tmp_path / "medsegdiff" / "eval" / "evaluation" / "sampling.json"
     assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "dpmpp"
-    proc4 = subprocess.run(
-        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--sampler", "ddim", "--skip-baseline"],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-    )
+    proc4 = run_script("--sampler", "ddim", "--skip-baseline")
     assert proc4.returncode == 0, proc4.stdout[-4000:] + proc4.stderr[-4000:]
     assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "ddim"
     assert "SupervisedEvaluator" in proc4.stdout + proc4.stderr  # sampled again
@@ -136,11 +128,8 @@ def test_quality_benchmark_smoke(tmp_path):
 
     # ablations at the same budget: the full variant is the main model (not retrained), the others train in folders
     # of their own without the switched-off modules, and with a blend each is also scored by its ensemble alone
-    proc6 = subprocess.run(
-        [sys.executable, str(SCRIPT), *SAME_TRAINING, "--sampler", "ddim", "--skip-baseline", "--anchor-weight", "0.5",
-         "--ablations", "none,usa+ssformer"],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-    )
+    proc6 = run_script("--sampler", "ddim", "--skip-baseline", "--anchor-weight", "0.5",
+                       "--ablations", "none,usa+ssformer")
     assert proc6.returncode == 0, proc6.stdout[-4000:] + proc6.stderr[-4000:]
     res6 = json.loads(results[0].read_text(encoding="utf-8"))
     full, none = res6["ablations"]["usa+ssformer"], res6["ablations"]["none"]
@@ -156,12 +145,28 @@ def test_quality_benchmark_smoke(tmp_path):
     assert not any(k.startswith(("anchor.", "ssformer.")) for k in weight_names("ablation_none"))
     assert any(k.startswith("ssformer.") for k in weight_names("medsegdiff"))
     assert not (tmp_path / "ablation_usa-ssformer").exists()
+    assert full["dice_minus_main_model"]["mean"] == 0.0 and full["dice_minus_main_model"]["cases"] == 4
+    assert none["dice_minus_main_model"]["mean"] == pytest.approx(none["dice"] - full["dice"], abs=1e-9)
+    assert none["ensemble_only"]["dice_minus_main_model"]["mean"] == pytest.approx(
+        none["ensemble_only"]["dice"] - full["ensemble_only"]["dice"], abs=1e-9)
+    # the condition UNet's own segmentation, scored apart from the samples (one member, one step)
+    assert full["anchor_only"]["dice"] == res6["anchor_only"]["dice"] and 0.0 <= none["anchor_only"]["dice"] <= 1.0
+    anchor_stamp = json.loads((tmp_path / "medsegdiff" / "eval" / "anchor_only" / "sampling.json").read_text())
+    assert anchor_stamp["anchor_weight"] == 1.0 and anchor_stamp["ensemble"] == 1
+
+    # ablations at the main model's epoch count instead of its wall clock: exactly as many iterations
+    proc7 = run_script("--sampler", "ddim", "--skip-baseline", "--ablations", "none", "--ablation-budget", "epochs")
+    assert proc7.returncode == 0, proc7.stdout[-4000:] + proc7.stderr[-4000:]
+    res7 = json.loads(results[0].read_text(encoding="utf-8"))
+    equal = res7["ablations_equal_epochs"]["none"]
+    assert equal["iterations"] == res["iterations_medsegdiff"] and "ablations" not in res7
+    assert res7["ablation_epochs"] == res["iterations_medsegdiff"] // 2  # 2-iteration epochs
+    assert (tmp_path / "ablation_none_equal_epochs" / "models" / "final_ema.pt").is_file()
 
     # other training settings into the same folders: refused, naming what differs, before anything is trained
     for extra, named in ((["--lr", "0.5"], "learning_rate"), (["--seed", "1"], "seed"),
                          (["--baseline-lr", "0.5", "--sampler", "ddim"], "'lr'")):
-        proc5 = subprocess.run([sys.executable, str(SCRIPT), *SAME_TRAINING, *extra], cwd=REPO, capture_output=True,
-                               text=True, encoding="utf-8", errors="replace", timeout=600)
+        proc5 = run_script(*extra)
         assert proc5.returncode != 0 and "holds a model trained with other settings" in proc5.stderr, extra
         assert named in proc5.stderr and "Epoch:" not in proc5.stdout + proc5.stderr, extra
 
@@ -171,3 +176,25 @@ def test_anchor_weight_argument_is_checked(value, capsys):
     with pytest.raises(SystemExit):
         _load_script().parse_args(["--anchor-weight", value])
     assert "--anchor-weight must be a number in [0, 1] or 'select'" in capsys.readouterr().err
+
+
+def test_paired_difference_pairs_cases_by_id_and_refuses_other_cases(tmp_path):
+    """Two evaluations of the same cases, rows in another order and two classes per case: the differences are paired
+    by case (each case's mean over classes), not by row."""
+    import pandas as pd
+
+    quality = _load_script()
+    ref, other, third = tmp_path / "ref.csv", tmp_path / "other.csv", tmp_path / "third.csv"
+    pd.DataFrame({"case": ["a", "a", "b", "b", "c", "c"], "class": [1, 2] * 3,
+                  "dice": [0.5, 0.7, 0.2, 0.4, 0.9, 0.9]}).to_csv(ref, index=False)  # per case 0.6, 0.3, 0.9
+    pd.DataFrame({"case": ["c", "c", "b", "b", "a", "a"], "class": [1, 2] * 3,
+                  "dice": [0.8, 0.8, 0.5, 0.5, 0.6, 0.6]}).to_csv(other, index=False)  # per case 0.8, 0.5, 0.6
+    gap = quality.paired_difference(ref, other)
+    diffs = [0.0, 0.2, -0.1]  # a, b, c
+    assert gap["cases"] == 3 and gap["mean"] == pytest.approx(sum(diffs) / 3)
+    assert gap["median"] == pytest.approx(0.0) and (gap["cases_higher"], gap["cases_lower"]) == (1, 1)
+    mean = sum(diffs) / 3
+    assert gap["standard_error"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5 / 3 ** 0.5)
+    pd.DataFrame({"case": ["a", "b", "d"], "class": [1] * 3, "dice": [0.1] * 3}).to_csv(third, index=False)
+    with pytest.raises(SystemExit, match="scored different cases"):
+        quality.paired_difference(ref, third)
