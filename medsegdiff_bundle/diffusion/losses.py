@@ -11,7 +11,7 @@ Added by us, on by default (``x0_dice_weight = 1``; ``0`` restores the paper's o
 ``x0_dice_weight * Dice(p(x0_hat), label)``, a soft Dice on the diffusion model's own predicted clean mask decoded to
 probabilities (:func:`~medsegdiff_bundle.diffusion.labels.x0_to_probs`). The MSE alone weighs every pixel alike, so a
 small structure costs little; Dice scores the overlap the user is measured on. On Kvasir-SEG at a 10-minute CPU
-budget it raised the test Dice of the sampled ensemble by 0.05-0.06 in two seeds (README, section *Speed*).
+budget it raised the test Dice of the sampled ensemble by 0.05-0.06 in two seeds (README, *Speed and quality*).
 """
 
 from __future__ import annotations

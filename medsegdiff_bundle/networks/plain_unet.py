@@ -9,7 +9,7 @@ AdamW 1e-3, Dice + BCE, 300 iterations, 50 held-out training cases, 2-core CPU; 
 this network at widths 16-32-64-128 reached Dice 0.61 at 0.16 s per iteration, the residual UNet at the same widths
 0.43 at 0.27 s (0.47-0.50 with two more levels), a DynUNet at 32..320 0.65 at 0.53 s. The condition model's
 segmentation is the anchor, and at short training budgets the diffusion model's output follows it (README, section
-*Speed*, the quality part).
+*Speed and quality*).
 
 It exposes the same ``encode`` / ``middle`` / ``decode`` split as :class:`~.unet.ResidualUNet`, without a time
 input: level ``i`` works at stride ``2**i`` with ``channels[i]`` features; the deepest level's block is the
