@@ -286,12 +286,15 @@ def final_ema_weights(root: Path) -> Path:
 _SPEED_ONLY = ("compile", "compile_mode")
 
 
-def trained_iterations(root: Path, column: int = 0) -> int | None:
-    """Training iterations (``column`` 1: epochs) the bundle ran in ``root``, from the last row of
-    ``eval/training_log.csv``; None before the first iteration."""
+def training_progress(root: Path) -> tuple[int | None, int | None]:
+    """``(iterations, epochs)`` the bundle trained in ``root``, from the last row of ``eval/training_log.csv``
+    (columns ``iteration, epoch, ...``); ``(None, None)`` before the first iteration."""
     log = root / "eval" / "training_log.csv"
     rows = log.read_text(encoding="utf-8").split() if log.is_file() else []
-    return int(rows[-1].split(",")[column]) if len(rows) > 1 else None
+    if len(rows) < 2:
+        return None, None
+    iteration, epoch = rows[-1].split(",")[:2]
+    return int(iteration), int(epoch)
 
 
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
@@ -648,12 +651,12 @@ def main(argv=None) -> int:
     msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
                               f"evaluation{rounded}{blended}")
     result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
-                   "train_minutes_medsegdiff": msd_minutes, "iterations_medsegdiff": trained_iterations(msd_root),
+                   "train_minutes_medsegdiff": msd_minutes, "iterations_medsegdiff": training_progress(msd_root)[0],
                    "medsegdiff": msd})
     if blended:  # the diffusion ensemble alone beside the blend, for the record
-        alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
-                                    f"evaluation{rounded}")
-        result["ensemble_only"] = scores(alone, "cases")
+        msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
+                                        {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+        result["ensemble_only"] = scores(msd_alone, "cases")
         result["anchor_only"] = scores(evaluate_anchor(msd_root, test_dl, {**common, **main_variant}), "cases")
 
     # (b) DynUNet baseline
@@ -703,7 +706,7 @@ def main(argv=None) -> int:
         key = "ablations_equal_epochs" if equal_epochs else "ablations"
         result[key] = {}
         if equal_epochs:
-            result["ablation_epochs"] = trained_iterations(msd_root, column=1)
+            result["ablation_epochs"] = training_progress(msd_root)[1]
         for v in variants:
             settings = variant_settings(v)
             root = msd_root if settings == main_variant else \
@@ -718,16 +721,14 @@ def main(argv=None) -> int:
             res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
                                       f"evaluation{rounded}{blended}")
             entry = result[key][v] = {
-                **settings, **scores(res), "train_minutes": minutes, "iterations": trained_iterations(root),
+                **settings, **scores(res), "train_minutes": minutes, "iterations": training_progress(root)[0],
                 "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
                 "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}))}
             if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
                 alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
-                main_alone = msd_root / "eval" / f"evaluation{rounded}" / "metrics.csv"
-                entry["ensemble_only"] = {**scores(alone),
-                                          "dice_minus_main_model": paired_difference(main_alone,
-                                                                                     Path(alone["metrics_csv"]))}
+                entry["ensemble_only"] = {**scores(alone), "dice_minus_main_model": paired_difference(
+                    Path(msd_alone["metrics_csv"]), Path(alone["metrics_csv"]))}
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
     date = result["date"]
