@@ -314,6 +314,31 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
     return summarize(metrics)
 
 
+def evaluate_medsegdiff_in_parts(root: Path, test_dl: Path, n: int, part: int, settings: dict, eval_extra: dict,
+                                 name: str) -> dict:
+    """:func:`evaluate_medsegdiff` of the first ``n`` cases of ``test_dl`` in parts of ``part`` cases, each cached in
+    ``eval/<name>/cases_<first>-<last>`` (positions in ``test_dl``), the per-case tables joined into
+    ``eval/<name>/metrics.csv``.
+
+    For slow evaluations (DDPM-1000 takes minutes per case on a CPU): an interrupted run keeps its finished parts, and
+    a larger ``n`` later only evaluates the new ones. The sampler seeds its generator per image, so a case's result
+    does not depend on the part it was sampled in.
+    """
+    import pandas as pd
+
+    cases = read_json(test_dl)["training"][:n]
+    tables = []
+    for first in range(0, len(cases), part):
+        last = min(first + part, len(cases)) - 1
+        part_dl = test_dl.with_name(f"{test_dl.stem}_cases_{first}-{last}.json")
+        write_json(part_dl, {"training": cases[first:last + 1]})
+        done = evaluate_medsegdiff(root, part_dl, settings, eval_extra, f"{name}/cases_{first}-{last}")
+        tables.append(pd.read_csv(done["metrics_csv"]))
+    joined = root / "eval" / name / "metrics.csv"
+    pd.concat(tables, ignore_index=True).to_csv(joined, index=False)
+    return summarize(joined)
+
+
 # anchor_weight 1 replaces the sample by the condition UNet's anchor, so one member of one step is enough
 _ANCHOR_ONLY = {"sampler": "ddim", "steps": 1, "ensemble": 1, "round_x0": False, "anchor_weight": 1.0}
 
@@ -549,6 +574,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "reduce-overhead: CUDA graphs, ~8x faster per step on an H200); default eager")
     p.add_argument("--compare-ddpm", action="store_true", help="also sample the MedSegDiff model with DDPM-1000")
     p.add_argument("--ddpm-cases", type=int, default=10, help="first N test cases for --compare-ddpm")
+    p.add_argument("--ddpm-part", type=int, default=10, metavar="K",
+                   help="--compare-ddpm samples DDPM-1000 in parts of K cases, each kept when done: an interrupted "
+                        "run resumes at its last part, and a larger --ddpm-cases only adds parts")
     p.add_argument("--trajectory", type=int, default=0, metavar="N",
                    help="Dice after every sampler step on the first N test cases (at --size), next to the anchor's")
     p.add_argument("--ablations", default="", help="comma-separated variants, e.g. none,sa,usa,usa+ssformer")
@@ -569,6 +597,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             weight = -1.0
         if not 0.0 <= weight <= 1.0:
             p.error(f"--anchor-weight must be a number in [0, 1] or 'select', got {args.anchor_weight!r}")
+    if args.ddpm_cases < 1 or args.ddpm_part < 1:
+        p.error(f"--ddpm-cases and --ddpm-part must be >= 1, got {args.ddpm_cases} and {args.ddpm_part}")
     if args.smoke:
         args.minutes, args.size, args.channels, args.steps, args.ensemble = 0.05, 64, [8, 16, 32], 2, 2
         args.batch_size, args.num_workers, args.val_interval, args.baseline_filters = 4, 0, 1, [8, 32]
@@ -678,17 +708,17 @@ def main(argv=None) -> int:
 
     # DDPM-1000 vs the fast sampler on the first N test cases
     if args.compare_ddpm:
-        n = max(1, args.ddpm_cases)
+        n = args.ddpm_cases
         sub_dl = out / f"datalist_test_first{n}.json"
         write_json(sub_dl, {"training": json.loads(test_dl.read_text(encoding="utf-8"))["training"][:n]})
         # the samplers alone, without the anchor blend
         fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
                                    f"fast_first{n}{rounded}")
         ddpm_t = time.monotonic()
-        ddpm = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant},
-                                   {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble, **compiled},
-                                   f"ddpm_first{n}")
-        result["ddpm"] = {"cases": n, "ensemble": args.ensemble, "dice_ddpm1000": ddpm["dice"],
+        ddpm = evaluate_medsegdiff_in_parts(msd_root, test_dl, n, args.ddpm_part, {**common, **main_variant},
+                                            {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble, **compiled},
+                                            "ddpm")
+        result["ddpm"] = {"cases": ddpm["cases"], "ensemble": args.ensemble, "dice_ddpm1000": ddpm["dice"],
                           "iou_ddpm1000": ddpm["iou"], "hd95_ddpm1000": ddpm["hd95"],
                           f"dice_{args.sampler}{args.steps}": fast["dice"], "dice_fast": fast["dice"],
                           "iou_fast": fast["iou"], "hd95_fast": fast["hd95"],

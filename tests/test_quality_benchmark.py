@@ -198,3 +198,53 @@ def test_paired_difference_pairs_cases_by_id_and_refuses_other_cases(tmp_path):
     pd.DataFrame({"case": ["a", "b", "d"], "class": [1] * 3, "dice": [0.1] * 3}).to_csv(third, index=False)
     with pytest.raises(SystemExit, match="scored different cases"):
         quality.paired_difference(ref, third)
+
+
+def test_ddpm_comparison_is_evaluated_in_parts_that_survive_interruption(tmp_path, monkeypatch):
+    """The slow DDPM-1000 evaluation runs in parts of K cases: finished parts are kept when a later part fails, a
+    rerun samples only what is missing, and the joined table has every case once, in the datalist's order."""
+    import pandas as pd
+    import torch
+
+    import medsegdiff_bundle.engine.workflow as workflow
+
+    quality = _load_script()
+    root = tmp_path / "medsegdiff"
+    (root / "models").mkdir(parents=True)
+    torch.save({}, root / "models" / "final_ema.pt")
+    ids = list("abcdef")
+    test_dl = tmp_path / "datalist_test.json"
+    test_dl.write_text(json.dumps({"training": [{"image": f"/x/{c}.jpg", "label": f"/y/{c}.jpg"} for c in ids]}))
+    dice = {c: 0.1 * (i + 1) for i, c in enumerate(ids)}
+    sampled, broken = [], set()
+
+    def fake_run_bundle(config, workflow_type, bundle_root, datalist, output_dir, **kwargs):
+        cases = [Path(c["image"]).stem for c in json.loads(Path(datalist).read_text())["training"]]
+        if broken & set(cases):
+            raise RuntimeError("sampler died")
+        sampled.append(cases)
+        assert kwargs["sampler"] == "ddpm" and kwargs["steps"] == 1000
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"case": cases, "class": "class_1", "dice": [dice[c] for c in cases], "iou": 0.0,
+                      "hd95": 1.0}).to_csv(Path(output_dir) / "metrics.csv", index=False)
+
+    monkeypatch.setattr(workflow, "run_bundle", fake_run_bundle)
+    ddpm = {"sampler": "ddpm", "steps": 1000, "ensemble": 5}
+
+    def evaluate(n):
+        return quality.evaluate_medsegdiff_in_parts(root, test_dl, n, 2, {}, ddpm, "ddpm")
+
+    broken.add("c")
+    with pytest.raises(RuntimeError, match="sampler died"):
+        evaluate(5)
+    assert sampled == [["a", "b"]]
+    broken.clear()
+    sampled.clear()
+    result = evaluate(5)  # resumes at the part that failed
+    assert sampled == [["c", "d"], ["e"]]
+    assert result["cases"] == 5 and result["dice"] == pytest.approx(sum(dice[c] for c in "abcde") / 5)
+    assert list(pd.read_csv(result["metrics_csv"])["case"]) == list("abcde")
+    sampled.clear()
+    result = evaluate(6)  # more cases: only the new last part is sampled
+    assert sampled == [["e", "f"]] and result["cases"] == 6
+    assert list(pd.read_csv(result["metrics_csv"])["case"]) == ids
