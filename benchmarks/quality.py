@@ -576,7 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddpm-cases", type=int, default=10, help="first N test cases for --compare-ddpm")
     p.add_argument("--ddpm-part", type=int, default=10, metavar="K",
                    help="--compare-ddpm samples DDPM-1000 in parts of K cases, each kept when done: an interrupted "
-                        "run resumes at its last part, and a larger --ddpm-cases only adds parts")
+                        "run resumes at its last part, and a larger --ddpm-cases only adds parts; each part loads "
+                        "(and with --compile-mode compiles) the model anew")
     p.add_argument("--trajectory", type=int, default=0, metavar="N",
                    help="Dice after every sampler step on the first N test cases (at --size), next to the anchor's")
     p.add_argument("--ablations", default="", help="comma-separated variants, e.g. none,sa,usa,usa+ssformer")

@@ -148,7 +148,8 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
     # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases and
     # the per-step trajectory
-    local more=(--compare-ddpm --ddpm-cases "$DDPM_CASES" --trajectory "$TRAJECTORY_CASES")
+    # one part for all DDPM cases: each part loads (and compiles) the model anew, ~40 s with CUDA graphs
+    local more=(--compare-ddpm --ddpm-cases "$DDPM_CASES" --ddpm-part "$DDPM_CASES" --trajectory "$TRAJECTORY_CASES")
     # DDPM-1000 is 1000 denoiser calls per case: replayed as CUDA graphs a call took 3.2 ms on an H200 against ~25 ms
     # eagerly (speed_graphs.json), which pays the ~40 s of compiling within the first two cases
     if [ "$DEVICE" != cpu ] && [ -n "${EVAL_COMPILE_MODE-reduce-overhead}" ]; then
