@@ -15,8 +15,9 @@ Outputs (everything under ``--output``, default ``runs/quality``; rerunning skip
 training resumes from its last checkpoint with the rest of the budget):
 
 * ``datalist_train.json`` (fold 0 = validation, fold 1 = training; no test case), ``datalist_test.json``;
-* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation/metrics.csv``), ``dynunet/`` (``model.pt``,
-  ``metrics.csv``), ``ddpm/`` and ``ablation_<variant>/`` when asked for;
+* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation/metrics.csv``; with ``--compare-ddpm`` also
+  ``eval/ddpm/cases_<first>-<last>/`` per part and ``eval/fast_first<N>/``), ``dynunet/`` (``model.pt``,
+  ``metrics.csv``) and ``ablation_<variant>/`` when asked for;
 * the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
 
 Each ``--ablations`` variant trains with the same budget and settings as the main model, which stands in for its own
