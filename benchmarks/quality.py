@@ -31,7 +31,11 @@ Example::
 
     python benchmarks/quality.py --minutes 60 --compare-ddpm --ddpm-cases 10          # GPU
     python benchmarks/quality.py --minutes 30 --ablations none,sa,usa,usa+ssformer_nofilter,usa+ssformer
+    python benchmarks/quality.py --minutes 10 --skip-medsegdiff                         # the baseline alone
     python benchmarks/quality.py --smoke --output /tmp/quality_smoke                   # CPU, < 90 s
+
+A command killed partway (e.g. at a 10-minute command limit) loses at most the epoch in progress: the same command
+again resumes training from the last checkpoint with the budget less the time up to it.
 """
 
 from __future__ import annotations
@@ -270,6 +274,7 @@ def final_ema_weights(root: Path) -> Path:
     """The EMA weights of the newest training checkpoint as a plain state dict (what evaluate.json loads)."""
     import torch
 
+    from medsegdiff_bundle.engine import atomic_save
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
 
     path = root / "models" / "final_ema.pt"
@@ -279,7 +284,7 @@ def final_ema_weights(root: Path) -> Path:
             raise SystemExit(f"error: no training checkpoint in {root / 'models'}")
         ema = torch.load(ckpt, map_location="cpu", weights_only=True)["ema"]
         state = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
-        torch.save(state, path)
+        atomic_save(state, path)
     return path
 
 
@@ -446,7 +451,7 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
 
     from medsegdiff_bundle.data import build_dataset
     from medsegdiff_bundle.data.transforms import build_preprocessing
-    from medsegdiff_bundle.engine import samples_per_epoch
+    from medsegdiff_bundle.engine import atomic_save, samples_per_epoch
 
     check_training_settings(root, {"minutes": args.minutes, "size": args.size, "batch_size": args.batch_size,
                                    "iterations_per_epoch": args.iterations_per_epoch, "lr": args.baseline_lr,
@@ -489,10 +494,11 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
             opt.step()
         epoch += 1
         elapsed = (time.monotonic() - start) / 60.0
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_min": elapsed},
-                   ckpt_path)
+        # atomic: a command killed at its time limit (the GPU sessions' way of splitting a budget) resumes from here
+        atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "elapsed_min": elapsed}, ckpt_path)
         print(f"dynunet epoch {epoch}: loss {float(loss.detach()):.4f}, {elapsed:.2f} min", flush=True)
-    torch.save(net.state_dict(), final)
+    atomic_save(net.state_dict(), final)
     write_json(root / "train_state.json", {"elapsed_min": elapsed, "epochs": epoch, "done": True})
     return elapsed
 
@@ -586,7 +592,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="each ablation variant trains for --minutes (time), or for as many epochs as the main model "
                         "did, without a time limit (epochs: the same number of iterations, into "
                         "ablation_<variant>_equal_epochs/ and the result key ablations_equal_epochs)")
-    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--skip-baseline", action="store_true", help="train and score MedSegDiff-V2 alone")
+    p.add_argument("--skip-medsegdiff", action="store_true",
+                   help="train and score the DynUNet baseline alone (e.g. in a GPU session of its own at a budget that "
+                        "does not fit both models)")
     p.add_argument("--write-split", action="store_true", help="rewrite benchmarks/splits/kvasir_seg_split.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
@@ -599,6 +608,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             weight = -1.0
         if not 0.0 <= weight <= 1.0:
             p.error(f"--anchor-weight must be a number in [0, 1] or 'select', got {args.anchor_weight!r}")
+    if args.skip_medsegdiff:
+        if args.skip_baseline:
+            p.error("--skip-medsegdiff and --skip-baseline leave nothing to train")
+        needs_msd = {"--compare-ddpm": args.compare_ddpm, "--trajectory": args.trajectory > 0,
+                     "--ablations": bool(args.ablations.strip()), "--anchor-weight": args.anchor_weight == "select" or float(args.anchor_weight) > 0}
+        asked = [name for name, used in needs_msd.items() if used]
+        if asked:
+            p.error(f"{', '.join(asked)} need(s) the MedSegDiff-V2 model, which --skip-medsegdiff leaves out")
     if args.ddpm_cases < 1 or args.ddpm_part < 1:
         p.error(f"--ddpm-cases and --ddpm-part must be >= 1, got {args.ddpm_cases} and {args.ddpm_part}")
     if args.smoke:
@@ -672,24 +689,28 @@ def main(argv=None) -> int:
     # (a) MedSegDiff-V2 through the bundle
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
-    msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
-    if args.anchor_weight == "select":
-        result["anchor_weight_selection"] = select_anchor_weight(msd_root, data, val_ids, args, main_variant, device)
-        result["anchor_weight"] = result["anchor_weight_selection"]["anchor_weight"]
-    eval_extra["anchor_weight"] = result["anchor_weight"]
-    # a separate, resumable evaluation per sampler setting
+    msd, msd_minutes = None, None
     rounded = "_round_x0" if args.round_x0 else ""
-    blended = f"_anchor{result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
-    msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
-                              f"evaluation{rounded}{blended}")
-    result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
-                   "train_minutes_medsegdiff": msd_minutes, "iterations_medsegdiff": training_progress(msd_root)[0],
-                   "medsegdiff": msd})
-    if blended:  # the diffusion ensemble alone beside the blend, for the record
-        msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
-                                        {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
-        result["ensemble_only"] = scores(msd_alone, "cases")
-        result["anchor_only"] = scores(evaluate_anchor(msd_root, test_dl, {**common, **main_variant}), "cases")
+    blended = ""
+    if not args.skip_medsegdiff:
+        msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
+        if args.anchor_weight == "select":
+            result["anchor_weight_selection"] = select_anchor_weight(msd_root, data, val_ids, args, main_variant,
+                                                                     device)
+            result["anchor_weight"] = result["anchor_weight_selection"]["anchor_weight"]
+        eval_extra["anchor_weight"] = result["anchor_weight"]
+        # a separate, resumable evaluation per sampler setting
+        blended = f"_anchor{result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
+        msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
+                                  f"evaluation{rounded}{blended}")
+        result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
+                       "train_minutes_medsegdiff": msd_minutes,
+                       "iterations_medsegdiff": training_progress(msd_root)[0], "medsegdiff": msd})
+        if blended:  # the diffusion ensemble alone beside the blend, for the record
+            msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
+                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+            result["ensemble_only"] = scores(msd_alone, "cases")
+            result["anchor_only"] = scores(evaluate_anchor(msd_root, test_dl, {**common, **main_variant}), "cases")
 
     # (b) DynUNet baseline
     topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
@@ -778,9 +799,10 @@ def main(argv=None) -> int:
     print()
     print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget {args.minutes} min")
     print(f"{'model':<44}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
-    blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
-    print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble}{blend})':<44}{fmt(msd['dice']):>8}"
-          f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
+    if msd is not None:
+        blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
+        print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble}{blend})':<44}{fmt(msd['dice']):>8}"
+              f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
     if "dice_baseline" in result:
         print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")

@@ -5,6 +5,7 @@ training."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -163,6 +164,17 @@ def test_quality_benchmark_smoke(tmp_path):
     assert res7["ablation_epochs"] == res["iterations_medsegdiff"] // 2  # 2-iteration epochs
     assert (tmp_path / "ablation_none_equal_epochs" / "models" / "final_ema.pt").is_file()
 
+    # the baseline alone (a GPU session of its own): no diffusion model is trained or reported, DynUNet is
+    baseline_only = tmp_path / "baseline_only"
+    proc8 = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(baseline_only),
+                            "--skip-medsegdiff"], cwd=REPO, capture_output=True, text=True, encoding="utf-8",
+                           errors="replace", timeout=600)
+    assert proc8.returncode == 0, proc8.stdout[-4000:] + proc8.stderr[-4000:]
+    res8 = json.loads(next(baseline_only.glob("quality_*.json")).read_text(encoding="utf-8"))
+    assert "dice_medsegdiff" not in res8 and 0.0 <= res8["dice_baseline"] <= 1.0 and res8["baseline"]["cases"] == 4
+    assert res8["train_minutes"]["medsegdiff"] is None and res8["train_minutes"]["baseline"] > 0
+    assert not (baseline_only / "medsegdiff").exists() and (baseline_only / "dynunet" / "model.pt").is_file()
+
     # other training settings into the same folders: refused, naming what differs, before anything is trained
     for extra, named in ((["--lr", "0.5"], "learning_rate"), (["--seed", "1"], "seed"),
                          (["--baseline-lr", "0.5", "--sampler", "ddim"], "'lr'")):
@@ -248,3 +260,50 @@ def test_ddpm_comparison_is_evaluated_in_parts_that_survive_interruption(tmp_pat
     result = evaluate(6)  # more cases: only the new last part is sampled
     assert sampled == [["e", "f"]] and result["cases"] == 6
     assert list(pd.read_csv(result["metrics_csv"])["case"]) == ids
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--skip-baseline"], "leave nothing to train"),
+    (["--compare-ddpm", "--trajectory", "3"], "--compare-ddpm, --trajectory need(s) the MedSegDiff-V2 model"),
+    (["--anchor-weight", "select"], "--anchor-weight need(s)"),
+    (["--ablations", "none"], "--ablations need(s)"),
+])
+def test_baseline_only_refuses_what_needs_the_diffusion_model(extra, named, capsys):
+    with pytest.raises(SystemExit):
+        _load_script().parse_args(["--skip-medsegdiff", *extra])
+    assert named in capsys.readouterr().err
+    assert _load_script().parse_args(["--skip-medsegdiff", "--anchor-weight", "0.0"]).skip_medsegdiff
+
+
+def test_training_killed_at_a_command_limit_resumes_with_the_rest_of_the_budget(tmp_path, monkeypatch):
+    """A GPU session splits a long budget over commands of at most 10 minutes by letting the first one be killed: the
+    next command resumes from the last checkpoint and trains for the budget minus the time up to that checkpoint
+    (the killed command's work after it is lost, so it is not counted)."""
+    import medsegdiff_bundle.engine.workflow as workflow
+
+    quality = _load_script()
+    root = tmp_path / "medsegdiff"
+    calls = []
+
+    def fake_run_bundle(config, workflow_type, bundle_root, resume, time_budget_minutes, **kwargs):
+        calls.append((resume, time_budget_minutes))
+        if len(calls) == 1:  # trained 3 minutes up to its last checkpoint, then killed
+            ckpt = Path(bundle_root) / "models" / "checkpoint_epoch=7.pt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_bytes(b"")
+            start = json.loads((Path(bundle_root) / "train_state.json").read_text())["segment_start"]
+            os.utime(ckpt, (start + 180.0, start + 180.0))
+            raise KeyboardInterrupt("killed by timeout")
+
+    monkeypatch.setattr(workflow, "run_bundle", fake_run_bundle)
+    settings = {"channels": [8, 16], "seed": 0}
+    with pytest.raises(KeyboardInterrupt):
+        quality.train_medsegdiff(root, 10.0, settings, {"learning_rate": 1e-3})
+    assert calls == [(False, 10.0)]
+    used = quality.train_medsegdiff(root, 10.0, settings, {"learning_rate": 1e-3})
+    assert calls[1][0] is True and calls[1][1] == pytest.approx(7.0, abs=1e-3)
+    assert used == pytest.approx(3.0, abs=0.05)  # 3 counted + the (instant) resumed command
+    # done: a further command trains nothing; another budget into the same folder is refused
+    assert quality.train_medsegdiff(root, 10.0, settings, {"learning_rate": 1e-3}) == used and len(calls) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.train_medsegdiff(root, 12.0, settings, {"learning_rate": 1e-3})

@@ -146,6 +146,10 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
+    # the baseline alone (a session of its own at a long budget): passes 2 and 3 are about the diffusion model
+    case " ${QUALITY_EXTRA:-} " in
+        *" --skip-medsegdiff "*) SUMMARY+=("quality-ddpm, quality-anchor: not run (--skip-medsegdiff)"); return ;;
+    esac
     # pass 2 resumes (trained models and finished evaluations are skipped) and adds DDPM-1000 on the first cases and
     # the per-step trajectory
     # one part for all DDPM cases: each part loads (and compiles) the model anew, ~40 s with CUDA graphs
@@ -204,8 +208,8 @@ for name in ("quality.json", "quality_ddpm.json", "quality_anchor.json"):
     p = out / name
     if p.is_file():
         r = json.loads(p.read_text())
-        line = (f"  {name}: Dice MedSegDiff-V2 {r['dice_medsegdiff']:.4f} vs DynUNet {r.get('dice_baseline', float('nan')):.4f}"
-                f" (train min {r['train_minutes']})")
+        line = (f"  {name}: Dice MedSegDiff-V2 {r.get('dice_medsegdiff', float('nan')):.4f} vs DynUNet "
+                f"{r.get('dice_baseline', float('nan')):.4f} (train min {r['train_minutes']})")
         if r.get("anchor_weight"):
             line += f"; anchor_weight {r['anchor_weight']:g}, the ensemble alone {r['ensemble_only']['dice']:.4f}"
         if "ddpm" in r:
