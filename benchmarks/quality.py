@@ -611,8 +611,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.skip_medsegdiff:
         if args.skip_baseline:
             p.error("--skip-medsegdiff and --skip-baseline leave nothing to train")
+        blend = args.anchor_weight == "select" or float(args.anchor_weight) > 0
         needs_msd = {"--compare-ddpm": args.compare_ddpm, "--trajectory": args.trajectory > 0,
-                     "--ablations": bool(args.ablations.strip()), "--anchor-weight": args.anchor_weight == "select" or float(args.anchor_weight) > 0}
+                     "--ablations": bool(args.ablations.strip()), "--anchor-weight": blend}
         asked = [name for name, used in needs_msd.items() if used]
         if asked:
             p.error(f"{', '.join(asked)} need(s) the MedSegDiff-V2 model, which --skip-medsegdiff leaves out")
