@@ -710,8 +710,9 @@ def main(argv=None) -> int:
         if blended:  # the diffusion ensemble alone beside the blend, for the record
             msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+            anchor_alone = evaluate_anchor(msd_root, test_dl, {**common, **main_variant})
             result["ensemble_only"] = scores(msd_alone, "cases")
-            result["anchor_only"] = scores(evaluate_anchor(msd_root, test_dl, {**common, **main_variant}), "cases")
+            result["anchor_only"] = scores(anchor_alone, "cases")
 
     # (b) DynUNet baseline
     topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
@@ -729,6 +730,13 @@ def main(argv=None) -> int:
                                                                             **base}})
     result["train_minutes"] = {"budget": args.minutes, "medsegdiff": msd_minutes,
                                "baseline": result.get("train_minutes_baseline")}
+    if msd is not None and not args.skip_baseline:  # paired by case: a gap read against the case-to-case spread
+        result["dice_minus_baseline"] = {"medsegdiff": paired_difference(Path(base["metrics_csv"]),
+                                                                         Path(msd["metrics_csv"]))}
+        if blended:
+            for key, res in (("ensemble_only", msd_alone), ("anchor_only", anchor_alone)):
+                result["dice_minus_baseline"][key] = paired_difference(Path(base["metrics_csv"]),
+                                                                       Path(res["metrics_csv"]))
 
     # DDPM-1000 vs the fast sampler on the first N test cases
     if args.compare_ddpm:
@@ -807,6 +815,11 @@ def main(argv=None) -> int:
     if "dice_baseline" in result:
         print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
+    if "dice_minus_baseline" in result:
+        gap = result["dice_minus_baseline"]["medsegdiff"]
+        print(f"MedSegDiff-V2 - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., median "
+              f"{gap['median']:+.4f}, higher on {gap['cases_higher']} and lower on {gap['cases_lower']} of {gap['cases']}")
+
     def row(name: str, r: dict) -> None:
         print(f"{name:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}")
 

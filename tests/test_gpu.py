@@ -246,7 +246,11 @@ def _saved_bytes_of_a_training_forward(net: torch.nn.Module) -> int:
     return measure_saved_activations(2, 3, 2, net.diffusion_unet.channels, 1, [64, 64], 2, amp=True, network=net)
 
 
-def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less():
+# (backbone of the condition UNet, most bytes kept relative to the same network with torch's GroupNorm). The plain
+# condition UNet (the default since 0.4.0) uses instance norm, which CUDA autocast runs in bf16 either way, so only
+# the diffusion UNet's share changes: 0.801 on an H100 (2026-11-26), where the all-GroupNorm residual one kept < 0.8
+@pytest.mark.parametrize("backbone, most", [("plain", 0.9), ("residual", 0.8)])
+def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less(backbone, most):
     """CUDA autocast would run nn.GroupNorm in fp32 (casts both ways, fp32 copies kept for backward); ours keeps
     bf16 with the same statistics, and a training forward of the network keeps clearly fewer bytes."""
     from medsegdiff_bundle.networks.blocks import GroupNorm
@@ -265,13 +269,13 @@ def test_group_norm_stays_bf16_under_cuda_autocast_and_backward_keeps_less():
     reference = plain(x)  # fp32 throughout
     assert float((out.float() - reference).norm() / reference.norm()) < 1e-2
 
-    net = MedSegDiffV2(2, 3, 2, channels=(16, 32, 64)).to(_device())
+    net = MedSegDiffV2(2, 3, 2, channels=(16, 32, 64), condition_backbone=backbone).to(_device())
     kept = _saved_bytes_of_a_training_forward(net)
     for module in net.modules():
         if isinstance(module, GroupNorm):
             module.__class__ = torch.nn.GroupNorm  # the plain module, same parameters
     kept_fp32_norms = _saved_bytes_of_a_training_forward(net)
-    assert kept < 0.8 * kept_fp32_norms, (kept, kept_fp32_norms)
+    assert kept < most * kept_fp32_norms, (kept, kept_fp32_norms)
 
 
 # ------------------------------------------------------------------- (f) the training loop's loss bookkeeping

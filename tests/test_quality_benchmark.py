@@ -67,6 +67,10 @@ def test_quality_benchmark_smoke(tmp_path):
     assert res["steps"] == 2 and res["ensemble"] == 2 and res["split"]["num_test"] == 4
     assert res["split"]["file"] == "benchmarks/splits/kvasir_seg_split.json" and res["split"]["rule"]
     assert res["medsegdiff"]["cases"] == 4 and res["baseline"]["cases"] == 4
+    # the per-case pairing: same cases, so its mean is the difference of the two means
+    gap = res["dice_minus_baseline"]["medsegdiff"]
+    assert gap["cases"] == 4 and gap["cases_higher"] + gap["cases_lower"] <= 4
+    assert gap["mean"] == pytest.approx(res["dice_medsegdiff"] - res["dice_baseline"], abs=1e-9)
     # fixed-length epochs reached the bundle (12 training cases at batch 4 would be 3 batches per pass)
     from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
 
@@ -117,6 +121,8 @@ def test_quality_benchmark_smoke(tmp_path):
         assert res3["ensemble_only"]["dice"] == res["dice_medsegdiff"]
     else:
         assert res3["dice_medsegdiff"] == res["dice_medsegdiff"] and "ensemble_only" not in res3
+    # --skip-baseline: no pairing against a baseline this run did not score
+    assert "dice_minus_baseline" not in res3
 
     # other sampler settings are evaluated again, not served from the finished evaluation of the first run
     stamp = tmp_path / "medsegdiff" / "eval" / "evaluation" / "sampling.json"
