@@ -3,16 +3,21 @@
 ``speed.py --profile N`` uses it on the fast path, so that a missed latency target comes with a profile (which kind
 of work dominates), not a guess. On CPU the operators' own (self) CPU time is counted; on CUDA the kernels' own
 device time. Kinds are assigned by name (approximate: e.g. cuDNN may run a convolution as a GEMM kernel).
+
+Up to 2026-11-26 the CUDA summary also counted the aten operators, whose self device time is that of the kernels they
+launch, so every kernel was counted about twice (``total_ms`` near double the kernels' time; the shares by kind
+roughly held, since an operator and its kernels mostly fall in one kind). The result files of the H200 sessions and
+of the first H100 session carry that total.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["KINDS", "op_kind", "profile_ops"]
+__all__ = ["KINDS", "op_kind", "timed_rows", "profile_ops"]
 
 # checked in this order; the first pattern that matches a (lower-cased) operator or kernel name wins
 KINDS: tuple[tuple[str, str], ...] = (
@@ -35,6 +40,25 @@ def op_kind(name: str) -> str:
     return "other"
 
 
+def timed_rows(events: Iterable, cuda: bool) -> list[dict]:
+    """``{"name", "kind", "us", "count"}`` per profiler event (``key_averages()`` entries) that took time.
+
+    On CPU, each operator's self CPU time. On CUDA, the device events only (the kernels, memcpy and memset), as
+    torch's own profiler table totals them: kineto gives a kernel's time both to the kernel's event and to the self
+    device time of the aten operator that launched it, so counting both would count it twice.
+    """
+    from torch.autograd import DeviceType
+
+    rows = []
+    for event in events:
+        if cuda and (event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False)):
+            continue
+        us = float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+        if us > 0:
+            rows.append({"name": event.key, "kind": op_kind(event.key), "us": us, "count": int(event.count)})
+    return rows
+
+
 def profile_ops(call: Callable[[], object], device: torch.device, calls: int = 1, top: int = 15) -> dict:
     """Profile ``calls`` runs of ``call()`` (already warmed up by the caller).
 
@@ -52,11 +76,7 @@ def profile_ops(call: Callable[[], object], device: torch.device, calls: int = 1
             call()
         if cuda:
             torch.cuda.synchronize(device)
-    rows = []
-    for event in prof.key_averages():
-        us = float(event.self_device_time_total if cuda else event.self_cpu_time_total)
-        if us > 0:
-            rows.append({"name": event.key, "kind": op_kind(event.key), "us": us, "count": int(event.count)})
+    rows = timed_rows(prof.key_averages(), cuda)
     total_us = sum(r["us"] for r in rows) or 1.0
     by_kind: dict[str, float] = {}
     for r in rows:

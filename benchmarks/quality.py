@@ -818,7 +818,8 @@ def main(argv=None) -> int:
     if "dice_minus_baseline" in result:
         gap = result["dice_minus_baseline"]["medsegdiff"]
         print(f"MedSegDiff-V2 - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., median "
-              f"{gap['median']:+.4f}, higher on {gap['cases_higher']} and lower on {gap['cases_lower']} of {gap['cases']}")
+              f"{gap['median']:+.4f}, higher on {gap['cases_higher']} and lower on {gap['cases_lower']} "
+              f"of {gap['cases']}")
 
     def row(name: str, r: dict) -> None:
         print(f"{name:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}")

@@ -156,6 +156,33 @@ def test_profile_kinds_by_name(name, kind):
     assert op_kind(name) == kind
 
 
+def test_cuda_profile_counts_each_kernel_once():
+    """kineto reports a kernel's time under its own event and again as the launching aten op's self device time; the
+    CUDA summary keeps the kernels only, the CPU one the operators' self CPU time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from op_profile import timed_rows
+
+    def event(key, device_type, cpu_us, device_us, count=1, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_cpu_time_total=cpu_us,
+                               self_device_time_total=device_us, count=count, is_user_annotation=annotation)
+
+    events = [event("aten::native_group_norm", DeviceType.CPU, 30.0, 40.0, 4),
+              event("RowwiseMomentsCUDAKernel<c10::BFloat16>", DeviceType.CUDA, 0.0, 33.0, 4),
+              event("elementwise_kernel<group_norm_apply>", DeviceType.CUDA, 0.0, 7.0, 4),
+              event("aten::empty", DeviceType.CPU, 5.0, 0.0),
+              event("## fast path ##", DeviceType.CUDA, 0.0, 100.0, annotation=True)]
+    cuda_rows = timed_rows(events, cuda=True)
+    assert [r["name"] for r in cuda_rows] == ["RowwiseMomentsCUDAKernel<c10::BFloat16>",
+                                              "elementwise_kernel<group_norm_apply>"]
+    assert sum(r["us"] for r in cuda_rows) == 40.0 and cuda_rows[0]["kind"] == "normalization"
+    cpu_rows = timed_rows(events, cuda=False)
+    assert [(r["name"], r["us"]) for r in cpu_rows] == [("aten::native_group_norm", 30.0), ("aten::empty", 5.0)]
+
+
 def test_speed_benchmark_refuses_condition_widths_of_another_depth(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "small", "--condition-channels",
                            "16", "32", "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True,
