@@ -303,6 +303,24 @@ def training_progress(root: Path) -> tuple[int | None, int | None]:
     return int(iteration), int(epoch)
 
 
+def loop_timing(root: Path) -> dict | None:
+    """The bundle's training loop in ``root`` from ``eval/loop_timing.csv`` (:class:`LoopTimingHandler`): images per
+    second and the share of the time spent waiting for the loader, over the epochs after the first (which includes
+    the workers' start and, under ``compile``, the compilation); ``None`` without the file."""
+    import pandas as pd
+
+    path = root / "eval" / "loop_timing.csv"
+    if not path.is_file():
+        return None
+    log = pd.read_csv(path)
+    steady = log[log["epoch"] > log["epoch"].min()] if len(log) > 1 else log
+    seconds = float(steady["seconds"].sum())
+    return {"epochs": int(len(log)), "steady_epochs": int(len(steady)),
+            "images_per_s": float(steady["images"].sum()) / seconds if seconds > 0 else float("nan"),
+            "data_wait_fraction": float(steady["data_wait_seconds"].sum()) / seconds if seconds > 0 else float("nan"),
+            "first_epoch_s": float(log["seconds"].iloc[0])}
+
+
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:
     """Score the final EMA weights with the bundle's ``evaluate.json`` into ``eval/<name>``. A finished evaluation is
     reused only if its recorded sampler settings (``sampling.json``) equal ``eval_extra``'s (speed switches aside);
@@ -706,7 +724,8 @@ def main(argv=None) -> int:
                                   f"evaluation{rounded}{blended}")
         result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
                        "train_minutes_medsegdiff": msd_minutes,
-                       "iterations_medsegdiff": training_progress(msd_root)[0], "medsegdiff": msd})
+                       "iterations_medsegdiff": training_progress(msd_root)[0], "medsegdiff": msd,
+                       "training_loop_medsegdiff": loop_timing(msd_root)})
         if blended:  # the diffusion ensemble alone beside the blend, for the record
             msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
@@ -815,6 +834,10 @@ def main(argv=None) -> int:
     if "dice_baseline" in result:
         print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
+    if result.get("training_loop_medsegdiff"):
+        loop = result["training_loop_medsegdiff"]
+        print(f"MedSegDiff-V2 training loop: {loop['images_per_s']:.1f} images/s after the first epoch, "
+              f"{100 * loop['data_wait_fraction']:.0f} % of it waiting for the data loader")
     if "dice_minus_baseline" in result:
         gap = result["dice_minus_baseline"]["medsegdiff"]
         print(f"MedSegDiff-V2 - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., median "

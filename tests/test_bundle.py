@@ -45,6 +45,11 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     log = pd.read_csv(trained_2d / "eval" / "training_log.csv")
     assert {"loss", "diffusion_loss", "anchor_loss", "x0_dice_loss"} <= set(log.columns)  # x0 Dice on by default
     assert (trained_2d / "eval" / "training_curves.png").is_file()
+    # the loop's timing per epoch: every iteration and image of the run, at a positive rate
+    timing = pd.read_csv(trained_2d / "eval" / "loop_timing.csv")
+    assert timing["epoch"].tolist() == [1, 2] and timing["iterations"].sum() == ckpt["trainer"]["iteration"]
+    assert timing["images"].sum() == TRAIN_2D["batch_size"] * ckpt["trainer"]["iteration"]
+    assert (timing["images_per_s"] > 0).all() and timing["data_wait_fraction"].between(0, 1).all()
     # the sampled result's Dice and the condition model's own (anchor) Dice, per validation run
     val_log = pd.read_csv(trained_2d / "eval" / "validation_log.csv")
     assert {"val_mean_dice", "val_anchor_dice"} <= set(val_log.columns) and len(val_log) == 2

@@ -75,6 +75,9 @@ def test_quality_benchmark_smoke(tmp_path):
     from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(tmp_path / "medsegdiff" / "models"))["trainer"]["epoch_length"] == 2
+    # the bundle loop's speed and its wait for the loader, from the run's loop_timing.csv
+    loop = res["training_loop_medsegdiff"]
+    assert loop["epochs"] >= 1 and loop["images_per_s"] > 0 and 0.0 <= loop["data_wait_fraction"] <= 1.0
 
     # the test cases never reach training: disjoint from the training datalist, and all from the committed split
     split_ids = set(json.loads(SPLIT.read_text(encoding="utf-8"))["test_ids"])

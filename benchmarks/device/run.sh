@@ -212,6 +212,10 @@ for name in ("quality.json", "quality_ddpm.json", "quality_anchor.json"):
                 f"{r.get('dice_baseline', float('nan')):.4f} (train min {r['train_minutes']})")
         if r.get("anchor_weight"):
             line += f"; anchor_weight {r['anchor_weight']:g}, the ensemble alone {r['ensemble_only']['dice']:.4f}"
+        if r.get("training_loop_medsegdiff"):
+            loop = r["training_loop_medsegdiff"]
+            line += (f"; bundle loop {loop['images_per_s']:.0f} img/s, "
+                     f"{100 * loop['data_wait_fraction']:.0f} % loader wait")
         if "ddpm" in r:
             line += f"; first {r['ddpm']['cases']}: DDPM-1000 {r['ddpm']['dice_ddpm1000']:.4f} vs fast {r['ddpm']['dice_fast']:.4f}"
         print(line)

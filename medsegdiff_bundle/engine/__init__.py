@@ -14,6 +14,7 @@ from .fastpath import (
 )
 from .fault_tolerance import FaultTolerantDataset, SkipFailedCases, collate_skip_failed
 from .handlers import (
+    LoopTimingHandler,
     MetricsTableHandler,
     TimeBudgetHandler,
     TrainingCurvesHandler,
@@ -34,6 +35,7 @@ __all__ = [
     "EMAUpdateHandler",
     "FaultTolerantDataset",
     "EpochSeedHandler",
+    "LoopTimingHandler",
     "MetricsTableHandler",
     "SkipFailedCases",
     "TimeBudgetHandler",

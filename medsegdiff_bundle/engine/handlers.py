@@ -16,7 +16,10 @@ from ..data.datalist import case_name
 from ..evaluation.metrics import case_metrics, format_summary_markdown, summarize_metrics
 from ..evaluation.visualize import save_training_curves
 
-__all__ = ["TrainingCurvesHandler", "MetricsTableHandler", "TimeBudgetHandler", "latest_checkpoint", "resume_from_latest"]
+__all__ = [
+    "TrainingCurvesHandler", "LoopTimingHandler", "MetricsTableHandler", "TimeBudgetHandler", "latest_checkpoint",
+    "resume_from_latest",
+]
 
 
 def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "checkpoint*.pt") -> str | None:
@@ -102,6 +105,79 @@ class TrainingCurvesHandler:
             val_log.to_csv(self.output_dir / "validation_log.csv", index=False)
             validation = {k: val_log[k].tolist() for k in val_log.columns}
         save_training_curves(self.output_dir / "training_curves.png", history, validation=validation)
+
+
+class LoopTimingHandler:
+    """Where an epoch's wall time goes: the training loop's images per second and the share spent waiting for the
+    data loader, one row per epoch in ``output_dir/loop_timing.csv`` (columns ``epoch``, ``iterations``, ``images``,
+    ``seconds``, ``data_wait_seconds``, ``data_wait_fraction``, ``images_per_s``).
+
+    A loop that waits for its loader a large share of the time needs more workers or a cache, not a faster GPU. The
+    clock is the host's: the training iteration does not wait for the GPU, so the wait for a batch is time the GPU
+    could have been fed. ``seconds`` runs from the epoch's start to this handler's call at its end (register it
+    before the checkpoint saver to leave the saving out). A resumed run appends its epochs; rows of an epoch the
+    checkpoint did not keep (a run stopped between this write and the checkpoint's) are replaced.
+    """
+
+    def __init__(self, output_dir: str | Path, filename: str = "loop_timing.csv") -> None:
+        self.path = Path(output_dir) / filename
+        self._epoch_start = 0.0
+        self._batch_start = 0.0
+        self._wait = 0.0
+        self._iterations = 0
+        self._images = 0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self.batch_started)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self.batch_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Any) -> None:
+        self._epoch_start = time.perf_counter()
+        self._wait, self._iterations, self._images = 0.0, 0, 0
+
+    def batch_started(self, engine: Any) -> None:
+        self._batch_start = time.perf_counter()
+
+    def batch_completed(self, engine: Any) -> None:
+        self._wait += time.perf_counter() - self._batch_start
+        self._iterations += 1
+        self._images += _batch_size(engine.state.batch)
+
+    def epoch_completed(self, engine: Any) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        epoch = int(engine.state.epoch)
+        row = {"epoch": epoch, "iterations": self._iterations, "images": self._images, "seconds": seconds,
+               "data_wait_seconds": self._wait, "data_wait_fraction": self._wait / seconds if seconds > 0 else 0.0,
+               "images_per_s": self._images / seconds if seconds > 0 else 0.0}
+        log = pd.DataFrame([row])
+        if self.path.is_file():
+            earlier = pd.read_csv(self.path)
+            log = pd.concat([earlier[earlier["epoch"] < epoch], log], ignore_index=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        part = self.path.with_name(self.path.name + ".part")
+        log.to_csv(part, index=False)
+        part.replace(self.path)  # a run killed mid-write keeps the previous table
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a collated batch: the first dimension of its first tensor (dict values, list or tuple items, or
+    the batch itself); 0 when it holds no tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            return _batch_size(item)
+    for item in items:
+        if isinstance(item, (dict, list, tuple)):
+            n = _batch_size(item)
+            if n:
+                return n
+    return 0
 
 
 class MetricsTableHandler:
