@@ -164,6 +164,15 @@ def test_version_is_in_changelog(metadata):
     assert metadata["changelog"][metadata["version"]].strip(), "the changelog entry for the current version is empty"
 
 
+@pytest.mark.parametrize("path", sorted((BUNDLE / "configs").iterdir()), ids=lambda p: p.name)
+def test_bundle_configs_are_ascii(path):
+    """MONAI's ConfigParser opens configs in the locale's encoding; DICOM and ITK readers can switch a process to the C
+    locale (ASCII), where a UTF-8 character (e.g. a superscript 2 in a changelog) then fails every later load."""
+    data = path.read_bytes()
+    bad = [(i, data[i:i + 2]) for i, byte in enumerate(data) if byte > 127][:3]
+    assert not bad, f"{path.name}: non-ASCII bytes at offsets {bad}"
+
+
 def test_bundle_version_matches_package(metadata):
     import medsegdiff_bundle
 
