@@ -117,6 +117,39 @@ def test_ema_tracks_the_model_with_warmup():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_follows_weights_loaded_into_the_model_and_a_copy_averages_on_its_own():
+    """The update keeps the model's parameter objects between calls (walking both module trees every step cost host
+    time): weights loaded in place must still be what it averages, and a deepcopy must not write into the original."""
+    import copy
+
+    net = tiny_model(channels=(4, 8))
+    ema = EMAModel(net, decay=0.5)
+    for _ in range(20):  # past the warm-up: decay 0.5
+        ema.update(net)
+    start = [p.clone() for p in ema.module.parameters()]
+    target = tiny_model(channels=(4, 8))
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(3.0)
+    net.load_state_dict(target.state_dict())  # in place: the same Parameter objects, new values
+    ema.update(net)
+    for s0, p_ema, p_new in zip(start, ema.module.parameters(), target.parameters(), strict=True):
+        assert torch.allclose(p_ema, 0.5 * s0 + 0.5 * p_new, atol=1e-6)
+
+    twin = copy.deepcopy(ema)
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(5.0)
+    twin.update(net)
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))  # the original is untouched
+    for s0, p_twin, p_now in zip(before, twin.module.parameters(), net.parameters(), strict=True):
+        assert torch.allclose(p_twin, 0.5 * s0 + 0.5 * p_now, atol=1e-6)  # the model as it is now, not a copy
+
+    with pytest.raises(ValueError, match="do not match"):
+        ema.update(tiny_model(channels=(8, 16)))
+
+
 # ---------------------------------------------------------------------------------------- fast-path switches
 # On CPU the compile tests use cheap backends: "aot_eager" traces the denoiser (dynamo + AOT autograd, the same
 # graph inductor would get) and runs it eagerly; dynamo's CompileCounter counts the compilations. Inductor itself

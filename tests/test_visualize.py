@@ -61,3 +61,63 @@ def test_training_curves_handler_logs_each_iteration_and_reads_the_losses_once_p
         if "x0_dice_loss" not in want:
             assert pd.isna(row["x0_dice_loss"])
     assert (tmp_path / "training_curves.png").is_file()
+
+
+def test_training_curves_are_redrawn_at_most_every_plot_interval_and_always_at_the_end(tmp_path):
+    """The CSV follows every epoch; the PNG (about 0.5 s to draw) waits for plot_interval_s, except at the run's end."""
+    import pandas as pd
+    import torch
+    from ignite.engine import Engine, Events
+
+    from medsegdiff_bundle.engine import TrainingCurvesHandler
+
+    png = tmp_path / "training_curves.png"
+    drawn = []
+
+    def step(engine, batch):
+        if engine.state.iteration == 3:  # the first epoch's PNG exists; take it away to see whether it comes back
+            drawn.append(png.is_file())
+            png.unlink()
+        return {"loss": torch.tensor(float(batch))}
+
+    engine = Engine(step)
+    TrainingCurvesHandler(tmp_path, plot_interval_s=3600.0).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: drawn.append(png.is_file()))
+    engine.run([1, 2], max_epochs=3)
+    assert drawn == [True, False]  # epoch 1 drew; epoch 2, within the interval, did not
+    assert png.is_file()  # the end of the run drew it again
+    assert len(pd.read_csv(tmp_path / "training_log.csv")) == 6  # the CSV has every iteration
+
+
+def test_a_resumed_training_keeps_the_curves_from_before_its_checkpoint(tmp_path):
+    """Iterations 1-6 logged, then a run resumed from the checkpoint after iteration 3 (epoch 1): the file keeps
+    1-3 of the first run and 4-6 of the resumed one; a fresh run (from iteration 1) replaces it all."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+
+    from medsegdiff_bundle.engine import TrainingCurvesHandler
+
+    def run(first_iteration: int, last_iteration: int, loss: float) -> None:
+        handler = TrainingCurvesHandler(tmp_path)
+        engine = SimpleNamespace(state=SimpleNamespace(iteration=0, epoch=1, output=None))
+        handler._trainer = engine
+        for it in range(first_iteration, last_iteration + 1):
+            engine.state.iteration, engine.state.epoch = it, 1 + (it - 1) // 3
+            engine.state.output = {"loss": torch.tensor(loss)}
+            handler.iteration_completed(engine)
+            if it % 3 == 0:  # a validation after each epoch
+                handler.validation_completed(SimpleNamespace(state=SimpleNamespace(metrics={"val_mean_dice": loss})))
+        handler.write()
+
+    run(1, 6, loss=1.0)
+    run(4, 6, loss=2.0)
+    log = pd.read_csv(tmp_path / "training_log.csv")
+    assert log["iteration"].tolist() == [1, 2, 3, 4, 5, 6] and log["loss"].tolist() == [1.0] * 3 + [2.0] * 3
+    val = pd.read_csv(tmp_path / "validation_log.csv")
+    assert val["epoch"].tolist() == [1, 2] and val["val_mean_dice"].tolist() == [1.0, 2.0]
+    run(1, 3, loss=3.0)  # a fresh start in the same folder
+    log = pd.read_csv(tmp_path / "training_log.csv")
+    assert log["iteration"].tolist() == [1, 2, 3] and log["loss"].tolist() == [3.0] * 3
+

@@ -164,7 +164,8 @@ class DiffusionTrainIteration:
             image = image.contiguous(memory_format=channels_last_format(image.ndim - 2))
         device = image.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + int(engine.state.iteration))
-        engine.network.train()
+        if not engine.network.training:  # the walk over every module is host time a GPU step cannot hide
+            engine.network.train()
         accumulate = max(1, int(getattr(engine, "accumulation_steps", 1) or 1))
         in_epoch = (int(engine.state.iteration) - 1) % max(1, int(engine.state.epoch_length or 1))
         first_of_cycle = in_epoch % accumulate == 0
