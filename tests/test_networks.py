@@ -265,3 +265,80 @@ def test_weights_of_the_other_condition_backbone_are_refused_by_name(prefix):
         assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), state.values()))
         with pytest.raises(ValueError, match="condition_backbone='plain'"):
             again.load_state_dict(tiny_model().state_dict())
+
+
+# ------------------------------------------------- values kept between sampler steps (cached_for_inference)
+def _denoise_twice(model: MedSegDiffV2, image: torch.Tensor, x: torch.Tensor, t: torch.Tensor, amp: bool):
+    """Two no-grad denoiser calls on one condition (the second may use the kept values) and a reference call with
+    gradients on (nothing kept), all under the same autocast setting."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad():
+            cond = model.condition(image)
+            first, second = model.denoise(x, t, cond), model.denoise(x, t, cond)
+        with torch.enable_grad():
+            reference = model.denoise(x, t, model.condition(image)).detach()
+    return first, second, reference
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_values_kept_between_sampler_steps_change_nothing_and_follow_new_weights_and_images(amp):
+    """GroupNorm's bf16 affine, the NBP-Filter's frequency features and the U-SA gate are computed once per image
+    and weights in sampling; the outputs must be exactly those of the full computation, after an in-place weight
+    change (an optimiser step, a loaded checkpoint) and for a new image whose tensor may reuse the old one's memory."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    _perturb_zero_inits(model)
+    image, _ = synthetic_batch(2, 32, seed=1)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
+    first, second, reference = _denoise_twice(model, image, x, t, amp)
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    with torch.no_grad():  # in place, as an optimiser step or load_state_dict changes weights
+        for p in model.parameters():
+            p.mul_(1.05).add_(0.01)
+    first, second, reference = _denoise_twice(model, image, x, t, amp)
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    other, _ = synthetic_batch(2, 32, seed=2)
+    first, second, reference = _denoise_twice(model, other, x, t, amp)
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+
+
+def test_sampler_steps_after_the_first_run_fewer_operators():
+    """The point of keeping them: fewer operators per denoiser call, each of them host time in the eager loop."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    image, _ = synthetic_batch(2, 32, seed=1)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
+
+    def operators(grad: bool) -> int:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            cond = model.condition(image)
+            model.denoise(x, t, cond)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.denoise(x, t, cond)
+        return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+
+    kept, full = operators(False), operators(True)
+    assert kept < 0.9 * full, (kept, full)
+
+
+def test_a_trace_after_sampling_keeps_the_size_and_weight_dependence():
+    """A TorchScript trace (bundle export) of a network that has sampled must not freeze a kept value into the
+    graph: at another size and after new weights it still matches the eager network."""
+    from medsegdiff_bundle.export import trace_network
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    _perturb_zero_inits(model)
+    image, _ = synthetic_batch(2, 32, seed=1)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 700])
+    _denoise_twice(model, image, x, t, amp=False)  # the kept values exist now, for size 32
+    traced = trace_network(model, 2, 3, 32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+        big, _ = synthetic_batch(2, 48, seed=3)
+        xb = torch.randn(2, 1, 48, 48)
+        for got, want in zip(traced(xb, big, t), model(xb, big, t), strict=True):  # noise and anchor logits
+            assert torch.allclose(got, want, atol=1e-5)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import conv
+from .blocks import cached_for_inference, conv, tensor_key
 
 __all__ = ["LearnableGaussianSmoothing", "SpatialAttentionGate", "UncertainSpatialAttention"]
 
@@ -96,7 +96,10 @@ class SpatialAttentionGate(nn.Module):
                 f"anchor spatial size {tuple(anchor.shape[2:])} differs from the diffusion feature "
                 f"{tuple(feature.shape[2:])}."
             )
-        attention = torch.sigmoid(self.gate(self.relax(anchor).to(feature.dtype)))
+        # the gate depends on the image's anchor only: sampling computes it once for all steps
+        key = (tuple(anchor.shape), anchor._version, feature.dtype, *tensor_key(*self.parameters()))
+        attention = cached_for_inference(
+            self, "_attention", key, lambda: torch.sigmoid(self.gate(self.relax(anchor).to(feature.dtype))), anchor)
         return feature * attention + feature
 
 

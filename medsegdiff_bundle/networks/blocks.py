@@ -7,7 +7,9 @@ All blocks are dimension-agnostic: ``spatial_dims`` picks Conv2d/Conv3d, and fea
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,37 @@ from monai.networks.layers.factories import Conv
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-__all__ = ["GroupNorm", "group_norm", "conv", "unet_widths", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding"]
+__all__ = [
+    "GroupNorm", "group_norm", "conv", "unet_widths", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding",
+    "cached_for_inference", "tensor_key",
+]
+
+
+def tensor_key(*tensors: torch.Tensor | None) -> tuple:
+    """What identifies the current values of ``tensors`` (parameters): storage, in-place version, dtype, device. An
+    optimiser step or ``load_state_dict`` bumps the version, ``module.to()`` changes the storage."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def cached_for_inference(owner: nn.Module, slot: str, key: tuple, make: Callable[[], Any],
+                         source: torch.Tensor | None = None) -> Any:
+    """``make()``, kept on ``owner`` under ``slot`` and returned again while ``key`` is unchanged (and, with
+    ``source``, while it is the very same tensor object: a freed tensor's address and ``id`` can be reused by the
+    next image's).
+
+    For values that stay the same from one sampler step to the next (a parameter cast to bf16, features of a fixed
+    frequency grid, the attention map of the image's anchor): in the eager sampling loop every operator is host
+    time that a GPU step waits for. Only when no gradient is recorded (autograd needs the operations in its graph)
+    and nothing is being compiled or traced (a compiled graph fuses them anyway, and a cache read would enter a
+    graph or a TorchScript trace as a constant, frozen to one image, one size and the weights of the moment).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return make()
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key or (source is not None and cached[2]() is not source):
+        cached = (key, make(), None if source is None else weakref.ref(source))
+        owner.__dict__[slot] = cached
+    return cached[1]
 
 
 class GroupNorm(nn.GroupNorm):
@@ -35,8 +67,9 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                weight = None if self.weight is None else self.weight.to(x.dtype)
-                bias = None if self.bias is None else self.bias.to(x.dtype)
+                weight, bias = cached_for_inference(
+                    self, "_low_precision_affine", (x.dtype, *tensor_key(self.weight, self.bias)),
+                    lambda: tuple(None if p is None else p.to(x.dtype) for p in (self.weight, self.bias)))
                 return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         return super().forward(x)
 

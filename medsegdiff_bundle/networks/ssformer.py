@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import cached_for_inference, tensor_key
+
 __all__ = ["frequency_grid", "NeuralBandPassFilter", "SpectralCrossAttention", "SSFormerBlock", "SSFormer"]
 
 
@@ -96,11 +98,21 @@ class NeuralBandPassFilter(nn.Module):
         angles = (grid[..., None] * scales).flatten(-2)
         return torch.cat([grid, angles.sin(), angles.cos()], dim=-1)
 
+    def frequency_features(self, spatial_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The input layer on the frequency grid, ``(1, Nf, hidden)``: the same at every timestep, so sampling keeps
+        it between steps (:func:`cached_for_inference`)."""
+        def make() -> torch.Tensor:
+            grid = frequency_grid(spatial_shape, device=device)
+            return self.w_in(self.fourier_features(grid).reshape(-1, self.w_in.in_features)).unsqueeze(0)
+
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (spatial_shape, device, dtype, *tensor_key(self.w_in.weight, self.w_in.bias))
+        return cached_for_inference(self, "_frequency_features", key, make)
+
     def forward(self, tau: torch.Tensor, spatial_shape: tuple[int, ...]) -> torch.Tensor:
-        grid = frequency_grid(tuple(spatial_shape), device=tau.device)
-        freq_shape = grid.shape[:-1]
-        h = self.w_in(self.fourier_features(grid).reshape(-1, self.w_in.in_features))
-        h = h.unsqueeze(0)  # (1, Nf, hidden)
+        spatial_shape = tuple(spatial_shape)
+        freq_shape = (*spatial_shape[:-1], spatial_shape[-1] // 2 + 1)  # the rfftn grid
+        h = self.frequency_features(spatial_shape, tau.device)  # (1, Nf, hidden)
         for layer, norm, mod in zip(self.layers, self.norms, self.time_mod):
             scale, shift = mod(F.silu(tau.float())).unsqueeze(1).chunk(2, dim=-1)
             h = F.relu((1 + scale) * norm(layer(h)) + shift)
