@@ -53,8 +53,8 @@ class TrainingCurvesHandler:
         loss_keys: keys of ``engine.state.output`` to record (first item when the output is decollated); keys an
             output lacks (``x0_dice_loss`` when that term is off) are left out.
         plot_interval_s: the PNG is drawn again only when this many seconds have passed since the last one (and
-            always when the run ends); the CSVs are written every epoch. Drawing takes ~0.5 s, a few per cent of a
-            short GPU epoch. ``0`` draws every epoch.
+            always when the run ends); the CSVs are written every epoch. Drawing takes a few tenths of a second, a few
+            per cent of a short GPU epoch. ``0`` draws every epoch.
     """
 
     def __init__(self, output_dir: str | Path, evaluator: Any = None,
