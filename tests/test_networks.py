@@ -302,6 +302,21 @@ def test_values_kept_between_sampler_steps_change_nothing_and_follow_new_weights
     assert torch.equal(first, reference) and torch.equal(second, reference)
 
 
+def test_a_network_that_has_sampled_still_saves_and_copies_whole():
+    """The kept values live outside the modules, so torch.save / deepcopy of the whole network still work."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    image, _ = synthetic_batch(2, 32, seed=1)
+    first, _, _ = _denoise_twice(model, image, torch.randn(2, 1, 32, 32), torch.tensor([10, 700]), amp=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    twin = copy.deepcopy(model)
+    assert buffer.tell() > 0 and all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 def test_sampler_steps_after_the_first_run_fewer_operators():
     """The point of keeping them: fewer operators per denoiser call, each of them host time in the eager loop."""
     from torch.profiler import ProfilerActivity, profile

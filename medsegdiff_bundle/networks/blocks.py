@@ -29,9 +29,14 @@ def tensor_key(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
+# what cached_for_inference keeps, per module, outside the module: its state (deepcopy, pickle, torch.save) stays
+# free of cached tensors and of the weak references that could not be pickled
+_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
+
+
 def cached_for_inference(owner: nn.Module, slot: str, key: tuple, make: Callable[[], Any],
                          source: torch.Tensor | None = None) -> Any:
-    """``make()``, kept on ``owner`` under ``slot`` and returned again while ``key`` is unchanged (and, with
+    """``make()``, kept for ``owner`` under ``slot`` and returned again while ``key`` is unchanged (and, with
     ``source``, while it is the very same tensor object: a freed tensor's address and ``id`` can be reused by the
     next image's).
 
@@ -43,10 +48,10 @@ def cached_for_inference(owner: nn.Module, slot: str, key: tuple, make: Callable
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return make()
-    cached = owner.__dict__.get(slot)
+    slots = _KEPT.setdefault(owner, {})
+    cached = slots.get(slot)
     if cached is None or cached[0] != key or (source is not None and cached[2]() is not source):
-        cached = (key, make(), None if source is None else weakref.ref(source))
-        owner.__dict__[slot] = cached
+        cached = slots[slot] = (key, make(), None if source is None else weakref.ref(source))
     return cached[1]
 
 
