@@ -217,6 +217,12 @@ def variant_settings(variant: str) -> dict:
     return {"anchor": anchor, "semantic": semantic}
 
 
+# both models: cosine from the learning rate to LR_FLOOR times it over the budget, the time share updated at every
+# epoch end (the bundle's ProgressCosineLR with its TimeBudgetHandler); part of both training stamps, so a folder
+# trained with another schedule is not resumed with this one
+LR_SCHEDULE = "cosine to 0.05 over the time budget"
+LR_FLOOR = 0.05
+
 # where the data lies and how it is loaded change nothing about the trained model (the GPU runs read a copy)
 _NOT_TRAINING_SETTINGS = ("dataset_dir", "datalist", "num_workers")
 
@@ -250,7 +256,7 @@ def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_ex
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
     from medsegdiff_bundle.engine.workflow import run_bundle
 
-    check_training_settings(root, {**settings, **train_extra, "minutes": minutes})
+    check_training_settings(root, {**settings, **train_extra, "minutes": minutes, "lr_schedule": LR_SCHEDULE})
     state_path = root / "train_state.json"
     state = read_json(state_path)
     if state.get("done"):
@@ -263,8 +269,10 @@ def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_ex
     if remaining is None or remaining > 0 or ckpt is None:
         write_json(state_path, {"elapsed_min": elapsed, "segment_start": time.time(), "done": False})
         start = time.monotonic()
-        run_bundle("train", "train", root, resume=ckpt is not None,
-                   time_budget_minutes=None if remaining is None else max(remaining, 1e-6), **settings, **train_extra)
+        # the whole budget: the checkpoint carries the training time used (TimeBudgetHandler), and the learning rate
+        # anneals over the whole budget
+        run_bundle("train", "train", root, resume=ckpt is not None, time_budget_minutes=minutes, **settings,
+                   **train_extra)
         elapsed += (time.monotonic() - start) / 60.0
     write_json(state_path, {"elapsed_min": elapsed, "done": True})
     return elapsed
@@ -469,11 +477,12 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
 
     from medsegdiff_bundle.data import build_dataset
     from medsegdiff_bundle.data.transforms import build_preprocessing
-    from medsegdiff_bundle.engine import atomic_save, samples_per_epoch
+    from medsegdiff_bundle.engine import atomic_save, cosine_annealed, samples_per_epoch
 
     check_training_settings(root, {"minutes": args.minutes, "size": args.size, "batch_size": args.batch_size,
                                    "iterations_per_epoch": args.iterations_per_epoch, "lr": args.baseline_lr,
-                                   "seed": args.seed, "topology": topology, "num_cases": len(train_cases)})
+                                   "seed": args.seed, "topology": topology, "num_cases": len(train_cases),
+                                   "lr_schedule": LR_SCHEDULE})
     final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
     state = read_json(root / "train_state.json")
     if final.is_file() and state.get("done"):
@@ -500,6 +509,8 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     start = time.monotonic() - elapsed * 60.0
     while elapsed < args.minutes:
         net.train()
+        for group in opt.param_groups:  # the bundle's schedule: the time share as of the last epoch end
+            group["lr"] = cosine_annealed(args.baseline_lr, LR_FLOOR * args.baseline_lr, elapsed / args.minutes)
         pre.set_random_state(seed=args.seed + epoch)  # per-epoch augmentation seed, like the bundle's EpochSeedHandler
         torch.manual_seed(args.seed + epoch)
         for batch in loader:

@@ -37,7 +37,8 @@ def trained_2d(tmp_path_factory):
 
 def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     ckpt = load_checkpoint(latest_checkpoint(trained_2d / "models"))
-    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "trainer"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "time_budget", "trainer"}
+    assert ckpt["time_budget"]["elapsed_s"] > 0  # the training time so far, for a resumed budget
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # both epochs
     assert int(ckpt["ema"]["num_updates"]) == ckpt["trainer"]["iteration"]
     best = load_checkpoint(trained_2d / "models" / "model.pt")
@@ -50,6 +51,10 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     assert timing["epoch"].tolist() == [1, 2] and timing["iterations"].sum() == ckpt["trainer"]["iteration"]
     assert timing["images"].sum() == TRAIN_2D["batch_size"] * ckpt["trainer"]["iteration"]
     assert (timing["images_per_s"] > 0).all() and timing["data_wait_fraction"].between(0, 1).all()
+    # the learning rate anneals per iteration over max_epochs: the cosine's midpoint after epoch 1 of 2, the floor
+    # (5 % of it) after the last
+    lr = 1e-4  # train.json's learning_rate
+    np.testing.assert_allclose(timing["learning_rate"], [lr * (0.05 + 0.95 * 0.5), lr * 0.05], rtol=1e-6)
     # the sampled result's Dice and the condition model's own (anchor) Dice, per validation run
     val_log = pd.read_csv(trained_2d / "eval" / "validation_log.csv")
     assert {"val_mean_dice", "val_anchor_dice"} <= set(val_log.columns) and len(val_log) == 2
@@ -281,6 +286,44 @@ def test_time_budget_stops_after_an_epoch_and_keeps_its_checkpoint(tmp_path):
                                                "time_budget_minutes": 1e-6})
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert ckpt["trainer"]["iteration"] == ckpt["trainer"]["epoch_length"]  # stopped after epoch 1 of 50
+
+
+def test_a_resumed_time_budget_spends_what_is_left_and_the_rate_anneals_over_it(tmp_path):
+    """The checkpoint carries the training time used: resumed with the same budget, a run that had used it up
+    stops after one more epoch (before, the budget started anew and the run went on to max_epochs), at the rate's
+    floor, since the learning rate anneals over the budget rather than over the (large) max_epochs."""
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
+    common = {**TRAIN_2D, "max_epochs": 50, "val_interval": 100, "learning_rate": 1e-3}
+    # a budget of a few epochs: the first run must stop on it, not on max_epochs
+    run_workflow("train", "train", tmp_path, **{**common, "time_budget_minutes": 0.02})
+    first = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    epochs = first["trainer"]["iteration"] // first["trainer"]["epoch_length"]
+    assert 1 <= epochs < 50 and first["time_budget"]["elapsed_s"] >= 0.02 * 60
+    timing = pd.read_csv(tmp_path / "eval" / "loop_timing.csv")
+    assert timing["learning_rate"].is_monotonic_decreasing and timing["learning_rate"].iloc[0] < 1e-3
+    run_workflow("train", "train", tmp_path, **{**common, "time_budget_minutes": 0.02, "resume": True})
+    resumed = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert resumed["trainer"]["iteration"] == (epochs + 1) * first["trainer"]["epoch_length"]
+    assert resumed["time_budget"]["elapsed_s"] > first["time_budget"]["elapsed_s"]
+    timing = pd.read_csv(tmp_path / "eval" / "loop_timing.csv")
+    assert timing["learning_rate"].iloc[-1] == pytest.approx(0.05 * 1e-3)  # the budget was used up
+
+
+def test_resume_goes_on_from_a_checkpoint_without_the_time_budget(tmp_path, capfd):
+    """Checkpoints of bundle versions before the budget was saved lack ``time_budget``: resuming skips it (with a
+    warning) rather than failing."""
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
+    common = {**TRAIN_2D, "max_epochs": 1, "val_interval": 100}
+    run_workflow("train", "train", tmp_path, **common)
+    path = latest_checkpoint(tmp_path / "models")
+    old = load_checkpoint(path)
+    del old["time_budget"]
+    torch.save(old, path)
+    capfd.readouterr()
+    run_workflow("train", "train", tmp_path, **{**common, "max_epochs": 2, "resume": True})
+    assert "has no ['time_budget']" in "".join(capfd.readouterr())  # the bundle's logging.conf writes to the console
+    trainer = load_checkpoint(latest_checkpoint(tmp_path / "models"))["trainer"]
+    assert trainer["iteration"] == 2 * trainer["epoch_length"]
 
 
 def test_torchrun_command_layers_the_plan_over_the_bundle(tmp_path):

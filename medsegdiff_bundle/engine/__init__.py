@@ -22,6 +22,7 @@ from .handlers import (
     resume_from_latest,
 )
 from .inferer import DiffusionSegInferer
+from .schedule import ProgressCosineLR, cosine_annealed
 from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler, samples_per_epoch
 from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
@@ -37,6 +38,7 @@ __all__ = [
     "EpochSeedHandler",
     "LoopTimingHandler",
     "MetricsTableHandler",
+    "ProgressCosineLR",
     "SkipFailedCases",
     "TimeBudgetHandler",
     "TrainingCurvesHandler",
@@ -46,6 +48,7 @@ __all__ = [
     "collate_skip_failed",
     "compile_network_calls",
     "compile_training_calls",
+    "cosine_annealed",
     "latest_checkpoint",
     "load_checkpoint",
     "replays_cudagraphs",

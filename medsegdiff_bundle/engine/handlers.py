@@ -139,7 +139,8 @@ class TrainingCurvesHandler:
 class LoopTimingHandler:
     """Where an epoch's wall time goes: the training loop's images per second and the share spent waiting for the
     data loader, one row per epoch in ``output_dir/loop_timing.csv`` (columns ``epoch``, ``iterations``, ``images``,
-    ``seconds``, ``data_wait_seconds``, ``data_wait_fraction``, ``images_per_s``).
+    ``seconds``, ``data_wait_seconds``, ``data_wait_fraction``, ``images_per_s`` and, for an engine with an
+    optimiser, ``learning_rate``: its first parameter group's at the epoch's end).
 
     A loop that waits for its loader a large share of the time needs more workers or a cache, not a faster GPU. The
     clock is the host's: the training iteration does not wait for the GPU, so the wait for a batch is time the GPU
@@ -182,6 +183,9 @@ class LoopTimingHandler:
         row = {"epoch": epoch, "iterations": self._iterations, "images": self._images, "seconds": seconds,
                "data_wait_seconds": self._wait, "data_wait_fraction": self._wait / seconds if seconds > 0 else 0.0,
                "images_per_s": self._images / seconds if seconds > 0 else 0.0}
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None and optimizer.param_groups:
+            row["learning_rate"] = float(optimizer.param_groups[0]["lr"])
         log = pd.DataFrame([row])
         if self.path.is_file():
             earlier = pd.read_csv(self.path)
@@ -263,33 +267,58 @@ class MetricsTableHandler:
         return table
 
 
+# checkpoint entries that a checkpoint of an earlier bundle version may lack; resuming goes on without them
+OPTIONAL_CHECKPOINT_KEYS = ("time_budget",)
+
+
 def resume_from_latest(trainer: Any, ckpt_dir: str | Path, load_dict: dict, map_location: Any = None) -> str | None:
     """Attach a ``CheckpointLoader`` for the newest checkpoint in ``ckpt_dir`` (``weights_only=True`` inside MONAI).
 
-    The checkpoint holds model, EMA, optimizer, LR scheduler and the trainer's epoch/iteration, so training goes
-    on exactly where it stopped. Returns the path used, or ``None`` (nothing to resume: a fresh start).
+    The checkpoint holds model, EMA, optimizer, LR scheduler, the trainer's epoch/iteration and the time budget
+    used, so training goes on exactly where it stopped. An entry of :data:`OPTIONAL_CHECKPOINT_KEYS` that the
+    checkpoint lacks (written before it existed) is skipped with a warning. Returns the path used, or ``None``
+    (nothing to resume: a fresh start).
     """
     from monai.handlers import CheckpointLoader
 
+    log = logging.getLogger(__name__)
     path = latest_checkpoint(ckpt_dir)
     if path is None:
-        logging.getLogger(__name__).info(f"resume requested but no checkpoint in {ckpt_dir}: starting fresh.")
+        log.info(f"resume requested but no checkpoint in {ckpt_dir}: starting fresh.")
         return None
+    optional = [k for k in OPTIONAL_CHECKPOINT_KEYS if k in load_dict]
+    if optional:
+        # mmap: only the key names are read here, the tensors once, by the loader
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        missing = [k for k in optional if k not in saved]
+        if missing:
+            log.warning(f"{path} has no {missing} (an earlier bundle version): resuming without it; a time budget "
+                        "then starts anew.")
+            load_dict = {k: v for k, v in load_dict.items() if k not in missing}
     CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location).attach(trainer)
-    logging.getLogger(__name__).info(f"resuming from {path}")
+    log.info(f"resuming from {path}")
     return path
 
 
 class TimeBudgetHandler:
-    """Stop training at the end of the first epoch that finishes after ``minutes`` of wall time.
+    """Stop training at the end of the first epoch that finishes after ``minutes`` of training time.
 
     Registered before the checkpoint saver, so that epoch's checkpoint is still written and ``--resume true``
-    (or ``medsegdiff auto`` run again) continues from it. ``minutes`` ``None`` or ``<= 0`` disables the budget.
+    (or ``medsegdiff auto`` run again) continues from it. The training time used so far is part of the checkpoint
+    (:meth:`state_dict`, under ``time_budget`` in ``train.json``'s ``checkpoint_dict``), so a resumed run spends what
+    is left of the budget, not a new one; the time of an epoch cut short by a crash is not counted. ``minutes``
+    ``None`` or ``<= 0`` disables the budget.
+
+    :meth:`fraction` (the used share, for :class:`~medsegdiff_bundle.engine.ProgressCosineLR`) is updated at every
+    epoch end, from the slowest process's clock under ``torch.distributed``: every rank then anneals its learning
+    rate identically, as data-parallel replicas must.
     """
 
     def __init__(self, minutes: float | None = None) -> None:
         self.minutes = minutes
         self._start: float | None = None
+        self._before_s = 0.0  # training seconds of earlier runs, up to the checkpoint this one resumed from
+        self._used_s = 0.0  # training seconds up to the last epoch end, the same on every rank
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -300,18 +329,34 @@ class TimeBudgetHandler:
     def started(self, engine: Any) -> None:
         self._start = time.monotonic()
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.minutes) and self.minutes > 0
+
+    def fraction(self) -> float:
+        """The share of the budget used up to the last epoch end, in ``[0, 1]`` (``0`` without a budget)."""
+        return min(1.0, self._used_s / (60.0 * self.minutes)) if self.enabled else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed_s": self._used_s}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._before_s = self._used_s = float(state["elapsed_s"])
+
     def __call__(self, engine: Any) -> None:
-        if not self.minutes or self.minutes <= 0 or self._start is None:
+        if self._start is None:
             return
-        elapsed = (time.monotonic() - self._start) / 60.0
-        stop = torch.tensor([float(elapsed >= self.minutes)])
+        used = torch.tensor([self._before_s + time.monotonic() - self._start], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank must stop after the same epoch, or the others wait forever in the next all-reduce
+            # one clock for all ranks: the same learning rate everywhere, and every rank stops after the same epoch
+            # (or the others wait forever in the next all-reduce)
             if torch.distributed.get_backend() == "nccl":
-                stop = stop.cuda()
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        if bool(stop.item()):
+                used = used.cuda()
+            torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+        self._used_s = float(used.item())
+        if self.enabled and self._used_s >= 60.0 * self.minutes:
             logging.getLogger(__name__).info(
-                f"time budget of {self.minutes} min used ({elapsed:.1f} min) after epoch {engine.state.epoch}: stopping."
+                f"time budget of {self.minutes} min used ({self._used_s / 60.0:.1f} min) after epoch "
+                f"{engine.state.epoch}: stopping."
             )
             engine.terminate()
