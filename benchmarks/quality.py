@@ -278,21 +278,26 @@ def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_ex
     return elapsed
 
 
-def final_ema_weights(root: Path) -> Path:
-    """The EMA weights of the newest training checkpoint as a plain state dict (what evaluate.json loads)."""
+def ema_state_dict(root: Path) -> dict:
+    """The EMA weights of the newest training checkpoint in ``root/models`` as a plain state dict (read only)."""
     import torch
 
-    from medsegdiff_bundle.engine import atomic_save
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
+
+    ckpt = latest_checkpoint(root / "models")
+    if ckpt is None:
+        raise SystemExit(f"error: no training checkpoint in {root / 'models'}")
+    ema = torch.load(ckpt, map_location="cpu", weights_only=True)["ema"]
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+
+
+def final_ema_weights(root: Path) -> Path:
+    """``root/models/final_ema.pt`` (what evaluate.json loads), written from :func:`ema_state_dict` when missing."""
+    from medsegdiff_bundle.engine import atomic_save
 
     path = root / "models" / "final_ema.pt"
     if not path.is_file():
-        ckpt = latest_checkpoint(root / "models")
-        if ckpt is None:
-            raise SystemExit(f"error: no training checkpoint in {root / 'models'}")
-        ema = torch.load(ckpt, map_location="cpu", weights_only=True)["ema"]
-        state = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
-        atomic_save(state, path)
+        atomic_save(ema_state_dict(root), path)
     return path
 
 

@@ -271,3 +271,36 @@ def test_condition_probe_trains_every_backbone_alike(tmp_path):
     assert result["runs"][0]["parameters_m"] != result["runs"][1]["parameters_m"]
     bad = subprocess.run(cmd[:2] + ["--synthetic", "--models", "vit"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown ['vit']" in bad.stderr
+
+
+def _weights_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_weights", ROOT / "benchmarks" / "device" / "weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_weights_come_back_in_parts_and_join_to_the_trained_ema(tmp_path):
+    """A session cut short after training brings the EMA back in parts under the device tool's file size limit;
+    the split reads the newest checkpoint without writing final_ema.pt (a later evaluation would take that stale
+    file for the final weights), and the joined file is the EMA state dict quality.py evaluates."""
+    import torch
+
+    weights = _weights_script()
+    root = tmp_path / "medsegdiff"
+    ema = {"module.a.weight": torch.rand(40, 50), "module.b.weight": torch.rand(300), "module.c.bias": torch.rand(7),
+           "num_updates": torch.tensor(12)}
+    (root / "models").mkdir(parents=True)
+    torch.save({"ema": {k: v * 0 for k, v in ema.items()}}, root / "models" / "checkpoint_epoch=1.pt")
+    torch.save({"ema": ema}, root / "models" / "checkpoint_epoch=2.pt")  # the newest
+    parts = weights.split(root, tmp_path / "out", part_bytes=1500)  # a: 8000 bytes alone, b + c together
+    assert [sorted(torch.load(p, weights_only=True)) for p in parts] == [["a.weight"], ["b.weight", "c.bias"]]
+    assert not (root / "models" / "final_ema.pt").exists()
+    target = tmp_path / "here" / "final_ema.pt"
+    assert weights.join(parts, target) == 3
+    joined = torch.load(target, weights_only=True)
+    assert all(torch.equal(joined[k[len("module."):]], v) for k, v in ema.items() if k.startswith("module."))
+    with pytest.raises(ValueError, match="already came"):
+        weights.join([parts[0], parts[0]], tmp_path / "twice.pt")

@@ -3,8 +3,8 @@
 (a) the sampling loop makes no host-device synchronisation (``torch.cuda.set_sync_debug_mode("error")``);
 (b) bf16 + channels-last sampling agrees with fp32; (c) a training iteration under bf16 autocast gives a finite loss;
 (d) ``torch.compile`` (inductor, with and without CUDA graphs, and the ``cudagraphs`` backend) matches eager, in
-sampling and in training; (e) the package's GroupNorm stays bf16 under autocast; (f) the loss curves and a
-bundle-style training iteration never synchronise. ``benchmarks/device/run.sh tests`` runs this file on a lent GPU.
+sampling and in training; (e) the package's GroupNorm stays bf16 under autocast; (f) the loss curves, a
+bundle-style training iteration and ``train.json``'s own training loop never synchronise. ``benchmarks/device/run.sh tests`` runs this file on a lent GPU.
 
 Kept to imports the GPU machine has (no SimpleITK, nibabel or itk at import time) and to tiny models, so that the
 whole file, inductor compilations included, takes a couple of minutes.
@@ -334,3 +334,28 @@ def test_a_bundle_style_training_iteration_never_synchronises(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     assert trainer.state.iteration == 4 and len(curves.rows) == 4
     assert all(math.isfinite(row["loss"]) for row in curves.rows)
+
+
+def test_the_bundle_training_loop_never_synchronises_once_warm(tmp_path):
+    """``train.json`` itself on CUDA: the real loader's pinned MetaTensor batches, bf16, the EMA, loss-curve, loop
+    timing and per-iteration learning-rate handlers, and the trainer's own handling of the iteration's output. A
+    warm iteration (the third) never waits for the GPU. The test above builds its trainer by hand with
+    ``decollate=False``; the bundle's trainer decollated by default, reading every loss back at every step, and its
+    loop trained at half the bare step's images per second on an H100."""
+    from ignite.engine import Events
+
+    from medsegdiff_bundle.data import write_synthetic_dataset
+    from tests.bundle_utils import workflow
+
+    write_synthetic_dataset(tmp_path / "data", 8, (32, 32), seed=3)
+    wf = workflow("train", "train", tmp_path, amp=True, patch_size=[32, 32], batch_size=2, max_epochs=1,
+                  iterations_per_epoch=4, val_interval=100, log_interval=100)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.device.type == "cuda"
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=3), lambda e: torch.cuda.set_sync_debug_mode("error"))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: torch.cuda.set_sync_debug_mode(0))
+    try:
+        wf.run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.state.iteration == 4
