@@ -301,11 +301,24 @@ def test_training_curves_handler_never_synchronises_per_iteration(tmp_path):
     assert log["anchor_loss"].tolist() == pytest.approx(values.tolist())
 
 
+def _run_with_a_sync_free_iteration(trainer, run, iteration: int = 3) -> None:
+    """``run()`` with any synchronising CUDA call during ``iteration`` (warm by then) an error. Registered last, the
+    window closes after the other handlers of that iteration have run."""
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=iteration),
+                              lambda e: torch.cuda.set_sync_debug_mode("error"))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=iteration), lambda e: torch.cuda.set_sync_debug_mode(0))
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_a_bundle_style_training_iteration_never_synchronises(tmp_path):
     """What train.json sets up on CUDA (pinned batches, non_blocking copies, bf16, the EMA and loss-curve handlers):
     once warm (iteration 3), an iteration never waits for the GPU, so the host queues the next step's kernels while
     the GPU runs this one."""
-    from ignite.engine import Events
     from monai.engines import SupervisedTrainer
 
     from medsegdiff_bundle.engine import EMAModel, EMAUpdateHandler, TrainingCurvesHandler
@@ -325,13 +338,7 @@ def test_a_bundle_style_training_iteration_never_synchronises(tmp_path):
     EMAUpdateHandler(EMAModel(net), net).attach(trainer)
     curves = TrainingCurvesHandler(tmp_path)
     curves.attach(trainer)
-    # registered last: the window closes after the other handlers of iteration 3 have run
-    trainer.add_event_handler(Events.ITERATION_STARTED(once=3), lambda e: torch.cuda.set_sync_debug_mode("error"))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: torch.cuda.set_sync_debug_mode(0))
-    try:
-        trainer.run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _run_with_a_sync_free_iteration(trainer, trainer.run)
     assert trainer.state.iteration == 4 and len(curves.rows) == 4
     assert all(math.isfinite(row["loss"]) for row in curves.rows)
 
@@ -342,8 +349,6 @@ def test_the_bundle_training_loop_never_synchronises_once_warm(tmp_path):
     warm iteration (the third) never waits for the GPU. The test above builds its trainer by hand with
     ``decollate=False``; the bundle's trainer decollated by default, reading every loss back at every step, and its
     loop trained at half the bare step's images per second on an H100."""
-    from ignite.engine import Events
-
     from medsegdiff_bundle.data import write_synthetic_dataset
     from tests.bundle_utils import workflow
 
@@ -352,10 +357,5 @@ def test_the_bundle_training_loop_never_synchronises_once_warm(tmp_path):
                   iterations_per_epoch=4, val_interval=100, log_interval=100)
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.device.type == "cuda"
-    trainer.add_event_handler(Events.ITERATION_STARTED(once=3), lambda e: torch.cuda.set_sync_debug_mode("error"))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: torch.cuda.set_sync_debug_mode(0))
-    try:
-        wf.run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _run_with_a_sync_free_iteration(trainer, wf.run)
     assert trainer.state.iteration == 4
