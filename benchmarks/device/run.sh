@@ -128,12 +128,13 @@ tests() {  # the CUDA-only tests (they skip on CPU: the smoke run checks that th
 }
 
 quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test split; then DDPM-1000 on DDPM_CASES
-    local deadline=$1 common=(--data .carry/Kvasir-SEG)
+    local deadline=$1 common=(--data .carry/Kvasir-SEG) root=runs/quality
     if [ "$DEVICE" = cpu ]; then  # the smoke run: 12 + 4 cases at 64^2, in a scratch folder
-        rm -rf /tmp/quality_smoke
-        common+=(--smoke --output /tmp/quality_smoke --iterations-per-epoch 2)
+        root=/tmp/quality_smoke
+        rm -rf "$root"
+        common+=(--smoke --output "$root" --iterations-per-epoch 2)
     else
-        common+=(--output runs/quality)
+        common+=(--output "$root")
         # lr 1e-3 as in the CPU budget runs: at the bundle's 1e-4 the first H200 run (2 min, 649 iterations) left the
         # model far from trained (sampled Dice 0.288 against DynUNet's 0.728)
         # 100-batch epochs for both models: Kvasir-SEG's one-pass epochs are 30 batches of 16, and each epoch end cost
@@ -150,10 +151,8 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
     # cut short after the diffusion model's training (the fifth session lost its evaluation so): bring its EMA
     # weights back in parts under the tool's 16 MiB per file, to be scored on the CPU here (device/README.md)
-    local msd_root=runs/quality/medsegdiff
-    [ "$DEVICE" = cpu ] && msd_root=/tmp/quality_smoke/medsegdiff
-    if [ ! -s "$OUT/quality.json" ] && grep -qs '"done": true' "$msd_root/train_state.json"; then
-        python3 benchmarks/device/weights.py split "$msd_root" "$OUT" || echo "weights: split failed" >&2
+    if [ ! -s "$OUT/quality.json" ] && grep -qs '"done": true' "$root/medsegdiff/train_state.json"; then
+        python3 benchmarks/device/weights.py split "$root/medsegdiff" "$OUT" || echo "weights: split failed" >&2
     fi
     # the baseline alone (a session of its own at a long budget): passes 2 and 3 are about the diffusion model
     case " ${QUALITY_EXTRA:-} " in
