@@ -15,9 +15,10 @@ Outputs (everything under ``--output``, default ``runs/quality``; rerunning skip
 training resumes from its last checkpoint with the rest of the budget):
 
 * ``datalist_train.json`` (fold 0 = validation, fold 1 = training; no test case), ``datalist_test.json``;
-* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation/metrics.csv``; with ``--compare-ddpm`` also
-  ``eval/ddpm/cases_<first>-<last>/`` per part and ``eval/fast_first<N>/``), ``dynunet/`` (``model.pt``,
-  ``metrics.csv``) and ``ablation_<variant>/`` when asked for;
+* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation_mirror/metrics.csv``; with ``--compare-ddpm`` also
+  ``eval/ddpm_mirror/cases_<first>-<last>/`` per part and ``eval/fast_first<N>_mirror/``), ``dynunet/``
+  (``model.pt``, ``mirror/metrics.csv``) and ``ablation_<variant>/`` when asked for; with ``--no-mirror`` the
+  folders without ``_mirror`` / ``mirror/``;
 * the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
 
 Each ``--ablations`` variant trains with the same budget and settings as the main model, which stands in for its own
@@ -25,7 +26,8 @@ variant (``usa+ssformer``) without retraining; with an anchor blend, every varia
 ensemble alone, since the switches change what conditions the denoiser.
 
 Both models are scored with their FINAL weights after the budget (MedSegDiff: the EMA weights of the last
-checkpoint), so the validation fold never selects a model.
+checkpoint), so the validation fold never selects a model, and both with test-time mirroring along both image axes
+as the bundle infers (``--no-mirror``: without).
 
 Example::
 
@@ -66,6 +68,8 @@ SPLIT_RULE = (
 )
 LABEL_THRESHOLD = 127
 NUM_CLASSES = 2
+# the image axes that test-time mirroring flips (unless --no-mirror): both, as the training augmentation does
+MIRROR_AXES = (0, 1)
 
 
 # ------------------------------------------------------------------------------------------------------- split
@@ -343,7 +347,8 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
     out_dir = root / "eval" / name
     metrics, stamp = out_dir / "metrics.csv", out_dir / "sampling.json"
     wanted = {k: v for k, v in sorted(eval_extra.items()) if k not in _SPEED_ONLY}
-    if not (metrics.is_file() and stamp.is_file() and read_json(stamp) == wanted):
+    unmirrored = {"mirror_axes": []}  # what an evaluation recorded before test-time mirroring existed did
+    if not (metrics.is_file() and stamp.is_file() and {**unmirrored, **read_json(stamp)} == {**unmirrored, **wanted}):
         metrics.unlink(missing_ok=True)
         run_bundle("evaluate", "infer", root, datalist=str(test_dl), fold=0, ckpt_path=str(final_ema_weights(root)),
                    output_dir=str(out_dir), save_overlay=False, **settings, **eval_extra)
@@ -380,10 +385,14 @@ def evaluate_medsegdiff_in_parts(root: Path, test_dl: Path, n: int, part: int, s
 _ANCHOR_ONLY = {"sampler": "ddim", "steps": 1, "ensemble": 1, "round_x0": False, "anchor_weight": 1.0}
 
 
-def evaluate_anchor(root: Path, test_dl: Path, settings: dict) -> dict:
+def evaluate_anchor(root: Path, test_dl: Path, settings: dict, mirror: bool) -> dict:
     """The condition UNet's own segmentation (the anchor) scored like the samples, into ``eval/anchor_only``: what
-    the conditioning model reaches by itself, apart from what the denoiser makes of it."""
-    return evaluate_medsegdiff(root, test_dl, settings, _ANCHOR_ONLY, "anchor_only")
+    the conditioning model reaches by itself, apart from what the denoiser makes of it. With ``mirror`` it is the
+    mean over the four mirrored views (one member per view), into ``eval/anchor_only_mirror``."""
+    if not mirror:
+        return evaluate_medsegdiff(root, test_dl, settings, _ANCHOR_ONLY, "anchor_only")
+    views = {"ensemble": 2 ** len(MIRROR_AXES), "mirror_axes": list(MIRROR_AXES)}
+    return evaluate_medsegdiff(root, test_dl, settings, {**_ANCHOR_ONLY, **views}, "anchor_only_mirror")
 
 
 def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, variant: dict, device):
@@ -538,8 +547,10 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
 
 
 def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, device) -> dict:
-    """Predict at ``--size``, invert the probabilities to the original size exactly as the bundle does
-    (``Invertd`` on the evaluate pre-processing), argmax, and score with ``MetricsTableHandler``."""
+    """Predict at ``--size`` (the mean logits over the four mirrorings, into ``root/mirror``; with ``--no-mirror``
+    the plain prediction, into ``root``),
+    invert the probabilities to the original size exactly as the bundle does (``Invertd`` on the evaluate
+    pre-processing), argmax, and score with ``MetricsTableHandler``."""
     import torch
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
@@ -547,9 +558,15 @@ def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, d
     from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
 
     from medsegdiff_bundle.data.transforms import build_preprocessing
+    from medsegdiff_bundle.diffusion.mirroring import mirrored_mean
     from medsegdiff_bundle.engine.handlers import MetricsTableHandler
 
-    metrics = root / "metrics.csv"
+    class MirroredInferer(SimpleInferer):
+        def __call__(self, inputs, network, *args, **kwargs):
+            return mirrored_mean(lambda x: network(x, *args, **kwargs), inputs, MIRROR_AXES)
+
+    out_dir = root / "mirror" if args.mirror else root
+    metrics = out_dir / "metrics.csv"
     if not metrics.is_file():
         net = make_dynunet(topology).to(device)
         net.load_state_dict(torch.load(root / "model.pt", map_location=device, weights_only=True))
@@ -563,9 +580,10 @@ def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, d
         ])
         loader = DataLoader(Dataset(test_cases, transform=pre), batch_size=1, shuffle=False,
                             num_workers=args.num_workers)
-        evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=net, inferer=SimpleInferer(),
+        inferer = MirroredInferer() if args.mirror else SimpleInferer()
+        evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=net, inferer=inferer,
                                         postprocessing=post, amp=False,
-                                        val_handlers=[MetricsTableHandler(root, NUM_CLASSES)])
+                                        val_handlers=[MetricsTableHandler(out_dir, NUM_CLASSES)])
         evaluator.run()
     return summarize(metrics)
 
@@ -600,6 +618,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--anchor-weight", default="0",
                    help="weight in [0, 1] of the condition model's segmentation blended into the MedSegDiff ensemble "
                         "(DiffusionSampler anchor_weight), or 'select' to choose it on the validation fold")
+    p.add_argument("--no-mirror", dest="mirror", action="store_false",
+                   help="no test-time mirroring. By default both models mirror along both image axes, as the "
+                        "bundle's inference does: MedSegDiff-V2's ensemble members see mirrored views "
+                        "(DiffusionSegInferer mirror_axes), DynUNet averages its logits over the four mirrorings (as "
+                        "nnU-Net predicts). Each setting is evaluated into folders of its own ('_mirror' when on)")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--timestep-power", type=float, default=None,
@@ -693,6 +716,8 @@ def main(argv=None) -> int:
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
                    "synthetic_if_missing": False}
     eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble, "round_x0": args.round_x0}
+    mirroring = {"mirror_axes": list(MIRROR_AXES) if args.mirror else []}
+    eval_extra.update(mirroring)
     # the sampling speed switch of the MedSegDiff evaluations (the same probabilities up to rounding; a finished
     # evaluation folder is reused whichever way it was computed)
     compiled = {"compile": True, "compile_mode": args.compile_mode} if args.compile_mode else {}
@@ -717,6 +742,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "ensemble": args.ensemble,
         "round_x0": bool(args.round_x0),
+        "mirror_axes": list(MIRROR_AXES) if args.mirror else [],
         "anchor_weight": None if args.anchor_weight == "select" else float(args.anchor_weight),
         "settings": {k: v for k, v in vars(args).items()},
     }
@@ -725,7 +751,7 @@ def main(argv=None) -> int:
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
     msd, msd_minutes = None, None
-    rounded = "_round_x0" if args.round_x0 else ""
+    rounded = ("_round_x0" if args.round_x0 else "") + ("_mirror" if args.mirror else "")
     blended = ""
     if not args.skip_medsegdiff:
         msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
@@ -745,7 +771,7 @@ def main(argv=None) -> int:
         if blended:  # the diffusion ensemble alone beside the blend, for the record
             msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
-            anchor_alone = evaluate_anchor(msd_root, test_dl, {**common, **main_variant})
+            anchor_alone = evaluate_anchor(msd_root, test_dl, {**common, **main_variant}, args.mirror)
             result["ensemble_only"] = scores(msd_alone, "cases")
             result["anchor_only"] = scores(anchor_alone, "cases")
 
@@ -783,8 +809,8 @@ def main(argv=None) -> int:
                                    f"fast_first{n}{rounded}")
         ddpm_t = time.monotonic()
         ddpm = evaluate_medsegdiff_in_parts(msd_root, test_dl, n, args.ddpm_part, {**common, **main_variant},
-                                            {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble, **compiled},
-                                            "ddpm")
+                                            {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble, **compiled,
+                                             **mirroring}, f"ddpm{'_mirror' if args.mirror else ''}")
         result["ddpm"] = {"cases": ddpm["cases"], "ensemble": args.ensemble, "dice_ddpm1000": ddpm["dice"],
                           "iou_ddpm1000": ddpm["iou"], "hd95_ddpm1000": ddpm["hd95"],
                           f"dice_{args.sampler}{args.steps}": fast["dice"], "dice_fast": fast["dice"],
@@ -820,7 +846,7 @@ def main(argv=None) -> int:
             entry = result[key][v] = {
                 **settings, **scores(res), "train_minutes": minutes, "iterations": training_progress(root)[0],
                 "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
-                "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}))}
+                "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}, args.mirror))}
             if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
                 alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
                                             {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
@@ -845,10 +871,11 @@ def main(argv=None) -> int:
     print(f"{'model':<44}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
     if msd is not None:
         blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
+        blend += ", mirrored" if args.mirror else ""
         print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble}{blend})':<44}{fmt(msd['dice']):>8}"
               f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
     if "dice_baseline" in result:
-        print(f"{'DynUNet (nnU-Net-like)':<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
+        print(f"{'DynUNet (nnU-Net-like' + (', mirrored)' if args.mirror else ')'):<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
     if result.get("training_loop_medsegdiff"):
         loop = result["training_loop_medsegdiff"]

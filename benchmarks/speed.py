@@ -293,6 +293,11 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     }
 
 
+def mirror_axes(args) -> list[int]:
+    """The fast path's test-time mirroring axes: every spatial axis with ``--mirror``, none without."""
+    return list(range(args.spatial_dims)) if args.mirror else []
+
+
 def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> tuple[dict, Callable[[], torch.Tensor]]:
     """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch.
     Returns the timings and a function making one more call of the same (warm, compiled) inferer, for profiling."""
@@ -302,7 +307,8 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> tuple[dict,
     # converted above, so channels_last only hands the output back in the default layout). The warm-up calls are
     # full calls of the same inferer: kernels, compilation and CUDA-graph recording are then behind us
     options = {"ensemble": args.ensemble, "seed": args.seed, "amp": args.amp, "channels_last": args.channels_last,
-               "compile": args.compile, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode}
+               "compile": args.compile, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+               "mirror_axes": mirror_axes(args)}
     inferer = CountingInferer("dpmpp", steps=args.steps, **options)
     gen = torch.Generator().manual_seed(args.seed + 1)
     image, _ = make_batch(args, network, args.sample_batch, device, gen)
@@ -335,6 +341,7 @@ def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> tuple[dict,
         "channels_last": args.channels_last,
         "compiled_denoiser": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
+        "mirror_axes": mirror_axes(args),
         "warmup_calls": args.sample_warmup,
         "warmup_s": warmup_s,
         "repeats": args.repeats,
@@ -467,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "compiled without graphs, as the training iteration does)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
+    p.add_argument("--mirror", action="store_true",
+                   help="test-time mirroring along every spatial axis in the fast path (DiffusionSegInferer mirror_axes: "
+                        "the condition network runs once per mirrored view)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
     p.add_argument("--fp32-norm", action="store_true",
                    help="plain nn.GroupNorm instead of the package's (CUDA autocast then runs it in fp32, as before "

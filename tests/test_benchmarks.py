@@ -55,7 +55,7 @@ def test_speed_benchmark_smoke(tmp_path):
     assert result["speedup"] == pytest.approx(ref["latency_per_image_s"] / fast["latency_per_image_s"])
     # fast path: condition network once per sampling call, one denoiser call per solver step
     assert fast["condition_calls"] == fast["sampling_calls"] == 1
-    assert fast["denoise_calls"] == steps
+    assert fast["denoise_calls"] == steps and fast["mirror_axes"] == []
     # reference: extrapolated from `measured` steps of one member, condition recomputed at every step
     assert result["reference_extrapolated"] is True and ref["extrapolated"] is True
     assert ref["measured_steps"] == measured and ref["measured_members"] == 1
@@ -77,7 +77,7 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     result = _run(
         tmp_path, "full", "--size", "16", "--skip-train", "--ensemble", str(ensemble), "--steps", "2",
         "--repeats", "1", "--reference-steps", str(steps), "--reference-full",
-        "--condition-channels", "16", "32", "64", "256",
+        "--condition-channels", "16", "32", "64", "256", "--mirror",
     )
     ref = result["phases"]["reference"]
     assert result["settings"]["condition_channels"] == [16, 32, 64, 256]
@@ -86,7 +86,8 @@ def test_speed_benchmark_full_reference_counts_condition_calls(tmp_path):
     # every member sequentially at batch 1, the condition network rerun at every step: steps x members
     assert ref["measured_members"] == ensemble and ref["measured_steps"] == steps
     assert ref["condition_calls"] == ref["denoise_calls"] == steps * ensemble
-    assert result["phases"]["fast"]["condition_calls"] == 1
+    # with test-time mirroring the condition network still runs in one call, on both views of the image at once
+    assert result["phases"]["fast"]["condition_calls"] == 1 and result["phases"]["fast"]["mirror_axes"] == [0, 1]
     assert "ensemble2_latency_s_16" in result and "train_img_per_s" not in result
 
 

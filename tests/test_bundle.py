@@ -89,11 +89,13 @@ def test_evaluation_writes_per_case_metrics_and_summary(trained_2d):
 
 @pytest.mark.parametrize("config", ["inference", "evaluate"])
 def test_sampler_options_reach_the_inferer(trained_2d, config):
-    wf = workflow(config, "infer", trained_2d, **INFER_2D, sampler="ddim", round_x0=True, anchor_weight=0.3)
+    wf = workflow(config, "infer", trained_2d, **INFER_2D, sampler="ddim", round_x0=True, anchor_weight=0.3,
+                  mirror_axes=[1, 0])
     sampler = wf.inferer.sampler
     assert (sampler.sampler, sampler.steps, sampler.ensemble) == ("ddim", 2, 2)
-    assert sampler.round_x0 is True and sampler.anchor_weight == 0.3
-    assert workflow(config, "infer", trained_2d, **INFER_2D).inferer.sampler.anchor_weight == 0.0
+    assert sampler.round_x0 is True and sampler.anchor_weight == 0.3 and sampler.mirror_axes == (0, 1)
+    default = workflow(config, "infer", trained_2d, **INFER_2D).inferer.sampler
+    assert default.anchor_weight == 0.0 and default.mirror_axes == (0, 1)  # every spatial axis, as training flips
 
 
 def test_a_wider_condition_unet_trains_saves_and_evaluates(tmp_path):

@@ -482,7 +482,11 @@ print(json.dumps({"valid_before": before, "valid_after": task.is_valid(), "label
                   "values": sorted(int(v) for v in np.unique(np.array(Image.open(label_file)))),
                   "image_shape": list(np.array(Image.open(image)).shape), "uncertainty": result["uncertainty"],
                   "request_anchor_weight": task.inferer({"anchor_weight": "0.25"}).sampler.anchor_weight,
-                  "default_anchor_weight": task.inferer({}).sampler.anchor_weight}))
+                  "default_anchor_weight": task.inferer({}).sampler.anchor_weight,
+                  "config_mirror": task._config["mirror"],
+                  "request_mirror": list(task.inferer({"mirror": "true"}).sampler.mirror_axes),
+                  "request_no_mirror": list(task.inferer({"mirror": False}).sampler.mirror_axes),
+                  "default_mirror": list(task.inferer({}).sampler.mirror_axes)}))
 """
 
 
@@ -504,6 +508,9 @@ def test_infer_task_2d_png_and_missing_weights(tmp_path):
     assert Path(out["uncertainty"]["file"]).is_file()
     # the anchor blend is a per-request parameter, off unless asked for
     assert out["request_anchor_weight"] == 0.25 and out["default_anchor_weight"] == 0.0
+    # test-time mirroring per request: every spatial axis or none; the bundle's setting otherwise
+    assert out["request_mirror"] == [0, 1] and out["request_no_mirror"] == []
+    assert out["default_mirror"] == ([0, 1] if out["config_mirror"] else [])
 
 
 def test_server_stops_leaving_no_process(label_server):

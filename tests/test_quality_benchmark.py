@@ -104,6 +104,22 @@ def test_quality_benchmark_smoke(tmp_path):
     assert (tmp_path / "medsegdiff" / "eval" / "trajectory.png").is_file()
     print(f"smoke run: {elapsed:.1f} s")
 
+    # both models mirror at test time by default; without it, evaluations of their own from the same trained
+    # models (nothing retrains)
+    assert res["mirror_axes"] == [0, 1]
+    msd_eval = tmp_path / "medsegdiff" / "eval"
+    assert json.loads((msd_eval / "evaluation_mirror" / "sampling.json").read_text(encoding="utf-8"))[
+        "mirror_axes"] == [0, 1]
+    assert Path(res["medsegdiff"]["metrics_csv"]) == msd_eval / "evaluation_mirror" / "metrics.csv"
+    assert Path(res["baseline"]["metrics_csv"]) == tmp_path / "dynunet" / "mirror" / "metrics.csv"
+    proc_m = run_script("--no-mirror")
+    assert proc_m.returncode == 0, proc_m.stdout[-4000:] + proc_m.stderr[-4000:]
+    res_m = json.loads(results[0].read_text(encoding="utf-8"))
+    assert "Epoch:" not in proc_m.stdout + proc_m.stderr and "dynunet epoch" not in proc_m.stdout
+    assert res_m["mirror_axes"] == [] and res_m["medsegdiff"]["cases"] == 4 and res_m["baseline"]["cases"] == 4
+    assert json.loads((msd_eval / "evaluation" / "sampling.json").read_text(encoding="utf-8"))["mirror_axes"] == []
+    assert Path(res_m["baseline"]["metrics_csv"]) == tmp_path / "dynunet" / "metrics.csv"
+
     # a third rerun selects the anchor blend on the validation fold and evaluates the test cases with it
     proc3 = run_script("--anchor-weight", "select", "--skip-baseline")
     assert proc3.returncode == 0, proc3.stdout[-4000:] + proc3.stderr[-4000:]
@@ -119,7 +135,8 @@ def test_quality_benchmark_smoke(tmp_path):
     assert res3["anchor_weight"] == sel["anchor_weight"] and "validation fold (2 cases" in sel["selected_on"]
     assert (tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep.csv").is_file()
     if sel["anchor_weight"] > 0:
-        assert (tmp_path / "medsegdiff" / "eval" / f"evaluation_anchor{sel['anchor_weight']:g}" / "metrics.csv").is_file()
+        blend = f"evaluation_mirror_anchor{sel['anchor_weight']:g}"
+        assert (tmp_path / "medsegdiff" / "eval" / blend / "metrics.csv").is_file()
         # the unblended evaluation is kept beside it (found done, not rerun)
         assert res3["ensemble_only"]["dice"] == res["dice_medsegdiff"]
     else:
@@ -128,7 +145,7 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "dice_minus_baseline" not in res3
 
     # other sampler settings are evaluated again, not served from the finished evaluation of the first run
-    stamp = tmp_path / "medsegdiff" / "eval" / "evaluation" / "sampling.json"
+    stamp = tmp_path / "medsegdiff" / "eval" / "evaluation_mirror" / "sampling.json"
     assert json.loads(stamp.read_text(encoding="utf-8"))["sampler"] == "dpmpp"
     proc4 = run_script("--sampler", "ddim", "--skip-baseline")
     assert proc4.returncode == 0, proc4.stdout[-4000:] + proc4.stderr[-4000:]
@@ -161,8 +178,10 @@ def test_quality_benchmark_smoke(tmp_path):
         none["ensemble_only"]["dice"] - full["ensemble_only"]["dice"], abs=1e-9)
     # the condition UNet's own segmentation, scored apart from the samples (one member, one step)
     assert full["anchor_only"]["dice"] == res6["anchor_only"]["dice"] and 0.0 <= none["anchor_only"]["dice"] <= 1.0
-    anchor_stamp = json.loads((tmp_path / "medsegdiff" / "eval" / "anchor_only" / "sampling.json").read_text())
-    assert anchor_stamp["anchor_weight"] == 1.0 and anchor_stamp["ensemble"] == 1
+    # (with test-time mirroring: one member per mirrored view, the anchor their mean)
+    anchor_stamp = json.loads((tmp_path / "medsegdiff" / "eval" / "anchor_only_mirror" / "sampling.json").read_text())
+    assert anchor_stamp["anchor_weight"] == 1.0 and anchor_stamp["ensemble"] == 4
+    assert anchor_stamp["mirror_axes"] == [0, 1] and anchor_stamp["steps"] == 1
 
     # ablations at the main model's epoch count instead of its wall clock: exactly as many iterations
     proc7 = run_script("--sampler", "ddim", "--skip-baseline", "--ablations", "none", "--ablation-budget", "epochs")

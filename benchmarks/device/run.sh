@@ -86,7 +86,8 @@ run_step() {  # run_step NAME SECONDS LOG CMD...: run CMD with a time limit, log
 
 # --------------------------------------------------------------------------------------------------- stages
 speed() {  # call 1. Three runs of speed.py on the default preset at 256^2 with the bundle's CUDA settings (bf16,
-           # default layout: channels-last measured slower on an H200, 0.573 against 0.474 s per image):
+           # default layout: channels-last measured slower on an H200, 0.573 against 0.474 s per image; test-time
+           # mirroring, the bundle's default since 0.6.0: the condition UNet runs on the four views at once):
            #   speed.json          eager; training at batches 8-32 (reported: the fastest within 12 GB); profile
            #   speed_fp32norm.json the same with --fp32-norm (torch's GroupNorm, which CUDA autocast runs in fp32, as
            #                       before 0.3.0) at batch 24 only: the A/B of the package's GroupNorm in one session
@@ -95,10 +96,10 @@ speed() {  # call 1. Three runs of speed.py on the default preset at 256^2 with 
            #                       profiler problem with graphs cannot cost the numbers
            # (compile_mode="default" for training is not measured here: compiling forward + backward did not finish
            # within 158 s in the second session)
-    local deadline=$1 base=(--preset default --device "$DEVICE" --amp) batches=(8 16 24 32) ab=(24)
+    local deadline=$1 base=(--preset default --device "$DEVICE" --amp --mirror) batches=(8 16 24 32) ab=(24)
     local more=(--repeats 10 --reference-steps-measured 40)
     if [ "$DEVICE" = cpu ]; then  # the smoke run: the same code paths at toy sizes (aot_eager: no C++ compiler needed)
-        base=(--preset small --device cpu --amp --size 32 --compile-backend aot_eager)
+        base=(--preset small --device cpu --amp --mirror --size 32 --compile-backend aot_eager)
         batches=(2 3) ab=(2)
         more=(--train-iters 2 --train-warmup 1 --steps 2 --repeats 1 --reference-steps-measured 2)
     fi

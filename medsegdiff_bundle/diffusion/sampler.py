@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from ..networks.medsegdiff import MedSegDiffV2
 from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from .labels import channel_to_class_probs, round_x0, x0_to_probs
+from .mirroring import check_mirror_axes, mirror, mirror_views, unmirror_members
 from .schedulers import SAMPLERS, make_scheduler
 
 __all__ = ["SampleResult", "DiffusionSampler"]
@@ -35,8 +36,8 @@ class SampleResult:
 class DiffusionSampler:
     """Sample segmentations from a trained :class:`MedSegDiffV2`.
 
-    The condition UNet runs once per image; its features are repeated for the ``ensemble`` members, which are
-    denoised together as one batch of ``B * ensemble``.
+    The condition UNet runs once per image (once per mirrored view with ``mirror_axes``); its features are
+    repeated for the ``ensemble`` members, which are denoised together as one batch of ``B * ensemble``.
 
     Args:
         sampler: ``"dpmpp"`` (DPM-Solver++ 2M, default), ``"ddim"`` or ``"ddpm"`` (full chain only).
@@ -55,6 +56,11 @@ class DiffusionSampler:
             ``probs = (1 - w) * fused members + w * anchor``. ``0`` (default) returns the diffusion ensemble alone;
             ``1`` returns the anchor (the sampling still runs, for the members and the uncertainty). The official
             MedSegDiff code always blends its anchor into the final mask; here it is a measured choice.
+        mirror_axes: spatial axes (0-based, e.g. ``(0, 1)`` in 2D) for test-time mirroring: member ``j`` sees view
+            ``j mod V`` of the ``V = min(ensemble, 2 ** len(mirror_axes))`` mirrorings of the image (the image itself
+            first; see :func:`~medsegdiff_bundle.diffusion.mirroring.mirror_views`) and is mirrored back before the
+            fusion; the anchor is the mean over the views. ``None`` / ``()`` (default): every member sees the image.
+            The condition UNet then runs ``V`` times per image instead of once; the denoiser's work is unchanged.
         schedule_args: passed to the schedule.
     """
 
@@ -71,6 +77,7 @@ class DiffusionSampler:
         seed: int | None = 0,
         round_x0: bool = False,
         anchor_weight: float = 0.0,
+        mirror_axes: Sequence[int] | None = None,
         **schedule_args,
     ) -> None:
         if sampler not in SAMPLERS:
@@ -99,6 +106,7 @@ class DiffusionSampler:
         if not 0.0 <= anchor_weight <= 1.0:
             raise ValueError(f"anchor_weight must be in [0, 1], got {anchor_weight}.")
         self.anchor_weight = anchor_weight
+        self.mirror_axes = check_mirror_axes(mirror_axes)
         self.scheduler = make_scheduler(sampler, num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.scheduler.set_timesteps(steps)
 
@@ -117,13 +125,21 @@ class DiffusionSampler:
         """Sample ``image (B, C_in, *S)`` -> :class:`SampleResult`.
 
         ``callback(step, timestep, x0)``, if given, sees every step's predicted clean sample ``x0 (B * N, M, *S)``
-        (members of an image adjacent); it is for diagnostics (e.g. :mod:`medsegdiff_bundle.evaluation.trajectory`),
+        (members of an image adjacent, each in the image's own orientation); it is for diagnostics (e.g. :mod:`medsegdiff_bundle.evaluation.trajectory`),
         and whatever it reads back from the device costs a synchronisation per step.
         """
         b, n = image.shape[0], self.ensemble
-        cond = network.condition(image)
-        anchor_probs = channel_to_class_probs(cond.anchor, network.num_classes)
-        cond = cond.repeat(n)
+        check_mirror_axes(self.mirror_axes, image.ndim - 2)
+        views = mirror_views(self.mirror_axes, n)
+        v = len(views)
+        # the condition UNet sees each view once: rows b0v0, b0v1, .., b1v0, .. (cat keeps the input's memory layout)
+        viewed = torch.cat([mirror(image[i : i + 1], view) for i in range(b) for view in views]) if v > 1 else image
+        cond = network.condition(viewed)
+        anchors = channel_to_class_probs(cond.anchor, network.num_classes)
+        anchor_probs = unmirror_members(anchors, views, v).unflatten(0, (b, v)).mean(dim=1)
+        # member j of image i takes row i * v + j % v
+        member_row = torch.arange(b, device=image.device)[:, None] * v + torch.arange(n, device=image.device) % v
+        cond = cond.take(member_row.flatten())
         generator = self._generator(image.device)
         x = torch.randn(
             (b * n, network.mask_channels, *image.shape[2:]), generator=generator, device=image.device, dtype=image.dtype
@@ -142,10 +158,10 @@ class DiffusionSampler:
             if self.round_x0:
                 x0 = soft.clamp(-1.0, 1.0)
             if callback is not None:
-                callback(step, t, x0)
+                callback(step, t, unmirror_members(x0, views, n))
         # the last step's predicted x0 is the sample (DDPM's and DPM-Solver++'s last step return it as x too;
         # DDIM with T % steps != 0 would otherwise stop at a small t > 0)
-        probs = x0_to_probs(x0, network.num_classes)
+        probs = unmirror_members(x0_to_probs(x0, network.num_classes), views, n)
         members = probs.reshape(b, n, *probs.shape[1:]).transpose(0, 1)
         fused = fuse(members, self.fusion)
         if self.anchor_weight > 0:

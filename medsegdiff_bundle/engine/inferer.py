@@ -72,6 +72,11 @@ class DiffusionSegInferer(Inferer):
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); x0-prediction models only.
         anchor_weight: weight in ``[0, 1]`` of the condition model's segmentation blended into the fused ensemble
             (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`); ``0`` (default) is the ensemble alone.
+        mirror_axes: test-time mirroring (nnU-Net's mirroring, spread over the ensemble): spatial axes (0-based,
+            e.g. ``[0, 1]`` in 2D) along which ensemble members see the image mirrored; each member's sample is
+            mirrored back before the fusion (see :class:`~medsegdiff_bundle.diffusion.DiffusionSampler`). The
+            denoiser's work is unchanged; the condition network runs once per distinct view (up to
+            ``min(ensemble, 2 ** len(mirror_axes))``) instead of once. ``None`` / ``[]`` (default): off.
 
     ``__call__(inputs (B, C_in, *S), network) -> (B, K [+ K anchor] [+ 1 uncertainty], *S)``; the last call's
     uncertainty is also kept in ``self.last_uncertainty`` ``(B, 1, *S)``, and with ``return_anchor`` the anchor in
@@ -102,11 +107,12 @@ class DiffusionSegInferer(Inferer):
         compile_mode: str = "default",
         round_x0: bool = False,
         anchor_weight: float = 0.0,
+        mirror_axes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.sampler = DiffusionSampler(
             sampler, steps, ensemble, fusion, uncertainty, num_train_timesteps, schedule, prediction_type, seed,
-            round_x0=as_bool(round_x0, "round_x0"), anchor_weight=anchor_weight,
+            round_x0=as_bool(round_x0, "round_x0"), anchor_weight=anchor_weight, mirror_axes=mirror_axes,
         )
         self.roi_size = roi_size
         self.sw_batch_size = sw_batch_size

@@ -7,7 +7,8 @@ server runs exactly what ``medsegdiff infer`` runs:
 * pre-processing: the bundle's ``build_preprocessing(stage="infer")`` (load, channel first, RAS + optional
   resampling in 3D, normalisation; resize in 2D);
 * inference: ``DiffusionSegInferer(return_uncertainty=True)`` (ensemble sampling, fusion, sliding window in 3D);
-  ``sampler``, ``steps``, ``ensemble``, ``seed`` and ``anchor_weight`` can be changed per request (MONAI Label ``params``);
+  ``sampler``, ``steps``, ``ensemble``, ``seed``, ``anchor_weight`` and ``mirror`` (test-time mirroring along every
+  spatial axis, or none) can be changed per request (MONAI Label ``params``);
 * post-processing: the bundle's ``build_postprocessing`` (split off the uncertainty channel, invert every
   pre-processing step into the input's own geometry, argmax), then:
 
@@ -42,7 +43,7 @@ from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
 from ..diffusion.schedulers import SAMPLERS
 from ..engine.inferer import DiffusionSegInferer
-from ..utils import atomic_path
+from ..utils import as_bool, atomic_path
 from .bundle import bundle_parser, class_labels
 
 __all__ = ["ImageReadError", "MedSegDiffInferTask", "SaveUncertaintyd", "SqueezeLabeld", "UNCERTAINTY_KEY"]
@@ -190,6 +191,7 @@ class MedSegDiffInferTask(BasicInferTask):
             "ensemble": int(p("ensemble")),
             "seed": p("seed"),
             "anchor_weight": float(p("anchor_weight")),
+            "mirror": bool(p("mirror_axes")),
         }
         ckpt = str(p("ckpt_path"))
         super().__init__(
@@ -233,6 +235,9 @@ class MedSegDiffInferTask(BasicInferTask):
             value = _first(data.get(key))
             if value is not None and value != "":
                 kwargs[key] = cast(value)
+        mirror = _first(data.get("mirror"))
+        if mirror is not None and mirror != "":
+            kwargs["mirror_axes"] = list(range(self.spatial_dims)) if as_bool(mirror, "mirror") else []
         if kwargs.get("sampler") not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {kwargs.get('sampler')!r}.")
         kwargs["return_uncertainty"] = True

@@ -54,6 +54,10 @@ class ConditionFeatures:
         """Repeat every sample ``n`` times along the batch (``b0,b0,..,b1,b1,..``) for an ensemble in one batch."""
         return ConditionFeatures(*(t.repeat_interleave(n, dim=0) for t in (self.logits, self.anchor, self.semantic)))
 
+    def take(self, index: torch.Tensor) -> ConditionFeatures:
+        """The samples at ``index`` (a 1D long tensor on the features' device) along the batch, in that order."""
+        return ConditionFeatures(*(t.index_select(0, index) for t in (self.logits, self.anchor, self.semantic)))
+
 
 class MedSegDiffV2(nn.Module):
     """MedSegDiff-V2: diffusion UNet on the noisy mask, conditioned on the image by a condition UNet through the
