@@ -875,7 +875,8 @@ def main(argv=None) -> int:
         print(f"{f'MedSegDiff-V2 ({args.sampler} {args.steps}, ens {args.ensemble}{blend})':<44}{fmt(msd['dice']):>8}"
               f"{fmt(msd['iou']):>8}{fmt(msd['hd95']):>10}{msd_minutes:>11.2f}")
     if "dice_baseline" in result:
-        print(f"{'DynUNet (nnU-Net-like' + (', mirrored)' if args.mirror else ')'):<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
+        name = "DynUNet (nnU-Net-like" + (", mirrored)" if args.mirror else ")")
+        print(f"{name:<44}{fmt(result['dice_baseline']):>8}{fmt(result['iou_baseline']):>8}"
               f"{fmt(result['hd95_baseline']):>10}{result['train_minutes_baseline']:>11.2f}")
     if result.get("training_loop_medsegdiff"):
         loop = result["training_loop_medsegdiff"]

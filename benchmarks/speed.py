@@ -475,8 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: CPU smoke tests)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (train and fast path)")
     p.add_argument("--mirror", action="store_true",
-                   help="test-time mirroring along every spatial axis in the fast path (DiffusionSegInferer mirror_axes: "
-                        "the condition network runs once per mirrored view)")
+                   help="test-time mirroring along every spatial axis in the fast path (DiffusionSegInferer "
+                        "mirror_axes: the condition network runs on every mirrored view)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (train and fast path; FFTs stay fp32)")
     p.add_argument("--fp32-norm", action="store_true",
                    help="plain nn.GroupNorm instead of the package's (CUDA autocast then runs it in fp32, as before "

@@ -125,8 +125,9 @@ class DiffusionSampler:
         """Sample ``image (B, C_in, *S)`` -> :class:`SampleResult`.
 
         ``callback(step, timestep, x0)``, if given, sees every step's predicted clean sample ``x0 (B * N, M, *S)``
-        (members of an image adjacent, each in the image's own orientation); it is for diagnostics (e.g. :mod:`medsegdiff_bundle.evaluation.trajectory`),
-        and whatever it reads back from the device costs a synchronisation per step.
+        (members of an image adjacent, each in the image's own orientation); it is for diagnostics (e.g.
+        :mod:`medsegdiff_bundle.evaluation.trajectory`), and whatever it reads back from the device costs a
+        synchronisation per step.
         """
         b, n = image.shape[0], self.ensemble
         check_mirror_axes(self.mirror_axes, image.ndim - 2)
