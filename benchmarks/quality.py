@@ -416,11 +416,12 @@ def trained_network_and_cases(root: Path, data: Path, ids: list[str], args, vari
 
 
 def evaluation_sampler(args):
-    """The ``DiffusionSampler`` of the MedSegDiff test evaluation (``--sampler/--steps/--ensemble/--round-x0``), for
-    the in-memory diagnostics."""
+    """The ``DiffusionSampler`` of the MedSegDiff test evaluation (``--sampler/--steps/--ensemble/--round-x0``, and
+    the test-time mirroring unless ``--no-mirror``), for the in-memory diagnostics and the anchor-weight selection."""
     from medsegdiff_bundle.diffusion.sampler import DiffusionSampler
 
-    return DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0)
+    return DiffusionSampler(args.sampler, args.steps, args.ensemble, seed=args.seed, round_x0=args.round_x0,
+                            mirror_axes=MIRROR_AXES if args.mirror else None)
 
 
 def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, variant: dict, device) -> dict:
@@ -439,13 +440,14 @@ def sampler_trajectory(root: Path, data: Path, test_ids: list[str], args, varian
 
 def select_anchor_weight(root: Path, data: Path, val_ids: list[str], args, variant: dict, device) -> dict:
     """Choose ``anchor_weight`` on the validation fold (never on test): one sampling run at the training size, every
-    blend of :data:`DEFAULT_ANCHOR_WEIGHTS` scored; the table goes to ``<root>/eval/anchor_weight_sweep.csv``.
+    blend of :data:`DEFAULT_ANCHOR_WEIGHTS` scored, with the test evaluation's mirroring; the table goes to
+    ``<root>/eval/anchor_weight_sweep_mirror.csv`` (``--no-mirror``: ``anchor_weight_sweep.csv``).
     Resumable: a finished sweep is read back."""
     import pandas as pd
 
     from medsegdiff_bundle.evaluation import anchor_weight_sweep, best_anchor_weight
 
-    csv = root / "eval" / "anchor_weight_sweep.csv"
+    csv = root / "eval" / f"anchor_weight_sweep{'_mirror' if args.mirror else ''}.csv"
     if csv.is_file():
         table = pd.read_csv(csv)
         best = best_anchor_weight(table)

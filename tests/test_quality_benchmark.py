@@ -31,6 +31,13 @@ def _load_script():
     return module
 
 
+def test_in_memory_diagnostics_sample_with_the_test_evaluations_mirroring():
+    """The anchor-weight selection and the trajectory use the sampler the test evaluation uses, mirroring included."""
+    quality = _load_script()
+    assert quality.evaluation_sampler(quality.parse_args([])).mirror_axes == (0, 1)
+    assert quality.evaluation_sampler(quality.parse_args(["--no-mirror"])).mirror_axes == ()
+
+
 def test_split_file_is_names_only_and_follows_its_rule():
     doc = json.loads(SPLIT.read_text(encoding="utf-8"))
     assert {"rule", "test_ids", "num_test", "num_cases"} <= set(doc)
@@ -129,11 +136,11 @@ def test_quality_benchmark_smoke(tmp_path):
     # the rule on the unrounded sweep (the JSON rounds to 4 decimals, which can make near-ties look like ties)
     import pandas as pd
 
-    sweep = pd.read_csv(tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep.csv")
+    sweep = pd.read_csv(tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep_mirror.csv")
     assert sel["anchor_weight"] == sweep.loc[sweep["dice"] == sweep["dice"].max(), "anchor_weight"].min()
     assert all(round(float(d), 4) == sel["validation_dice"][str(w)] for w, d in zip(sweep["anchor_weight"], sweep["dice"]))
     assert res3["anchor_weight"] == sel["anchor_weight"] and "validation fold (2 cases" in sel["selected_on"]
-    assert (tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep.csv").is_file()
+    assert (tmp_path / "medsegdiff" / "eval" / "anchor_weight_sweep_mirror.csv").is_file()
     if sel["anchor_weight"] > 0:
         blend = f"evaluation_mirror_anchor{sel['anchor_weight']:g}"
         assert (tmp_path / "medsegdiff" / "eval" / blend / "metrics.csv").is_file()
