@@ -753,7 +753,8 @@ def main(argv=None) -> int:
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
     msd, msd_minutes = None, None
-    rounded = ("_round_x0" if args.round_x0 else "") + ("_mirror" if args.mirror else "")
+    # evaluation folders are named by the sampler settings that change the result
+    sampling_tag = ("_round_x0" if args.round_x0 else "") + ("_mirror" if args.mirror else "")
     blended = ""
     if not args.skip_medsegdiff:
         msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
@@ -765,14 +766,14 @@ def main(argv=None) -> int:
         # a separate, resumable evaluation per sampler setting
         blended = f"_anchor{result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""
         msd = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant}, eval_extra,
-                                  f"evaluation{rounded}{blended}")
+                                  f"evaluation{sampling_tag}{blended}")
         result.update({"dice_medsegdiff": msd["dice"], "iou_medsegdiff": msd["iou"], "hd95_medsegdiff": msd["hd95"],
                        "train_minutes_medsegdiff": msd_minutes,
                        "iterations_medsegdiff": training_progress(msd_root)[0], "medsegdiff": msd,
                        "training_loop_medsegdiff": loop_timing(msd_root)})
         if blended:  # the diffusion ensemble alone beside the blend, for the record
             msd_alone = evaluate_medsegdiff(msd_root, test_dl, {**common, **main_variant},
-                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{sampling_tag}")
             anchor_alone = evaluate_anchor(msd_root, test_dl, {**common, **main_variant}, args.mirror)
             result["ensemble_only"] = scores(msd_alone, "cases")
             result["anchor_only"] = scores(anchor_alone, "cases")
@@ -808,7 +809,7 @@ def main(argv=None) -> int:
         write_json(sub_dl, {"training": json.loads(test_dl.read_text(encoding="utf-8"))["training"][:n]})
         # the samplers alone, without the anchor blend
         fast = evaluate_medsegdiff(msd_root, sub_dl, {**common, **main_variant}, {**eval_extra, "anchor_weight": 0.0},
-                                   f"fast_first{n}{rounded}")
+                                   f"fast_first{n}{sampling_tag}")
         ddpm_t = time.monotonic()
         ddpm = evaluate_medsegdiff_in_parts(msd_root, test_dl, n, args.ddpm_part, {**common, **main_variant},
                                             {"sampler": "ddpm", "steps": 1000, "ensemble": args.ensemble, **compiled,
@@ -844,14 +845,14 @@ def main(argv=None) -> int:
             else:
                 minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
             res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
-                                      f"evaluation{rounded}{blended}")
+                                      f"evaluation{sampling_tag}{blended}")
             entry = result[key][v] = {
                 **settings, **scores(res), "train_minutes": minutes, "iterations": training_progress(root)[0],
                 "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
                 "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}, args.mirror))}
             if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
                 alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
-                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{rounded}")
+                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{sampling_tag}")
                 entry["ensemble_only"] = {**scores(alone), "dice_minus_main_model": paired_difference(
                     Path(msd_alone["metrics_csv"]), Path(alone["metrics_csv"]))}
 
