@@ -550,9 +550,8 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
 
 def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, device) -> dict:
     """Predict at ``--size`` (the mean logits over the four mirrorings, into ``root/mirror``; with ``--no-mirror``
-    the plain prediction, into ``root``),
-    invert the probabilities to the original size exactly as the bundle does (``Invertd`` on the evaluate
-    pre-processing), argmax, and score with ``MetricsTableHandler``."""
+    the plain prediction, into ``root``), invert the probabilities to the original size exactly as the bundle does
+    (``Invertd`` on the evaluate pre-processing), argmax, and score with ``MetricsTableHandler``."""
     import torch
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
