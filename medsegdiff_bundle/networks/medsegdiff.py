@@ -50,12 +50,9 @@ class ConditionFeatures:
     anchor: torch.Tensor
     semantic: torch.Tensor
 
-    def repeat(self, n: int) -> ConditionFeatures:
-        """Repeat every sample ``n`` times along the batch (``b0,b0,..,b1,b1,..``) for an ensemble in one batch."""
-        return ConditionFeatures(*(t.repeat_interleave(n, dim=0) for t in (self.logits, self.anchor, self.semantic)))
-
     def take(self, index: torch.Tensor) -> ConditionFeatures:
-        """The samples at ``index`` (a 1D long tensor on the features' device) along the batch, in that order."""
+        """The samples at ``index`` (a 1D long tensor on the features' device) along the batch, in that order, e.g.
+        each sample repeated for the members of an ensemble in one batch (``b0,b0,..,b1,b1,..``)."""
         return ConditionFeatures(*(t.index_select(0, index) for t in (self.logits, self.anchor, self.semantic)))
 
 
