@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from medsegdiff_bundle.data import write_synthetic_dataset
-from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
-from tests.bundle_utils import CONFIGS, REPO, run_workflow, workflow
+from medsegdiff_bundle.engine import bf16_is_fast, bundle_workflow, latest_checkpoint, load_checkpoint
+from tests.bundle_utils import CONFIGS, REPO, TINY, run_workflow, workflow
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,15 @@ def test_sampler_options_reach_the_inferer(trained_2d, config):
     sampler = wf.inferer.sampler
     assert (sampler.sampler, sampler.steps, sampler.ensemble) == ("ddim", 2, 2)
     assert sampler.round_x0 is True and sampler.anchor_weight == 0.3 and sampler.mirror_axes == (0, 1)
-    default = workflow(config, "infer", trained_2d, **INFER_2D).inferer.sampler
+    default_wf = workflow(config, "infer", trained_2d, **INFER_2D)
+    default = default_wf.inferer.sampler
     assert default.anchor_weight == 0.0 and default.mirror_axes == (0, 1)  # every spatial axis, as training flips
+    assert default_wf.inferer.amp is False  # the tests' setting (TINY)
+    # the bundle's own: bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16
+    # tensor cores)
+    tiny_but_amp = {k: v for k, v in TINY.items() if k != "amp"}
+    untouched = bundle_workflow(config, "infer", trained_2d, **tiny_but_amp, **INFER_2D)
+    assert untouched.inferer.amp is bf16_is_fast(untouched.device)
 
 
 def test_a_wider_condition_unet_trains_saves_and_evaluates(tmp_path):

@@ -18,6 +18,7 @@ from medsegdiff_bundle.engine import (
     DiffusionSegInferer,
     DiffusionTrainIteration,
     EMAModel,
+    bf16_is_fast,
     compile_network_calls,
     replays_cudagraphs,
     to_channels_last,
@@ -222,3 +223,45 @@ def test_a_wrong_label_in_a_training_batch_names_its_case():
     batch = {"image": MetaTensor(image), "label": MetaTensor(label, meta={"filename_or_obj": files})}
     with pytest.raises(ValueError, match=r"span \[0, 2\].*wrong label: \['case_b.nii.gz'\]"):
         _run_one_epoch([batch])
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected",
+                         [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_is_fast_on_a_cpu_only_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    """The configs' amp default: a CPU that only emulates bf16 (oneDNN converts around every operator) stays fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bf16_is_fast("cpu") is expected and bf16_is_fast(torch.device("cpu")) is expected
+
+
+def test_bf16_is_fast_without_the_probes_or_on_other_devices(monkeypatch):
+    # a torch build without the private probes falls back to fp32 rather than failing
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert bf16_is_fast("cpu") is False
+    assert bf16_is_fast("meta") is False
+    if not torch.cuda.is_available():
+        assert bf16_is_fast("cuda") is False
+
+
+def test_bf16_is_fast_on_cuda_excludes_emulated_bf16(monkeypatch):
+    """A GPU without bf16 tensor cores (e.g. a V100 or T4) only emulates bf16: amp stays off there."""
+    asked = []
+
+    class _Device:  # torch.cuda.device(...) as a no-op context, so the check runs without a GPU
+        def __init__(self, device):
+            asked.append(str(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n or including_emulation)
+        assert bf16_is_fast("cuda:1") is native
+    assert asked == ["cuda:1", "cuda:1"]

@@ -463,6 +463,7 @@ from pathlib import Path
 import numpy as np, torch
 from PIL import Image
 from medsegdiff_bundle.data import write_synthetic_dataset
+from medsegdiff_bundle.engine import bf16_is_fast
 from medsegdiff_bundle.label.bundle import bundle_parser
 from medsegdiff_bundle.label.infer import MedSegDiffInferTask
 
@@ -477,6 +478,7 @@ torch.save(bundle_parser("inference", root, overrides).get_parsed_content("netwo
            root / "models" / "model.pt")
 image = root / "data" / "images" / "case_0001.png"
 label_file, result = task({"image": str(image), "device": "cpu"})
+amp_task = MedSegDiffInferTask(root, {**overrides, "amp": True}, uncertainty_dir=root / "unc")
 print(json.dumps({"valid_before": before, "valid_after": task.is_valid(), "labels": task.labels,
                   "label_shape": list(np.array(Image.open(label_file)).shape),
                   "values": sorted(int(v) for v in np.unique(np.array(Image.open(label_file)))),
@@ -486,7 +488,10 @@ print(json.dumps({"valid_before": before, "valid_after": task.is_valid(), "label
                   "config_mirror": task._config["mirror"],
                   "request_mirror": list(task.inferer({"mirror": "true"}).sampler.mirror_axes),
                   "request_no_mirror": list(task.inferer({"mirror": False}).sampler.mirror_axes),
-                  "default_mirror": list(task.inferer({}).sampler.mirror_axes)}))
+                  "default_mirror": list(task.inferer({}).sampler.mirror_axes),
+                  "cpu_amp_config_off": task.inferer({"device": "cpu"}).amp,
+                  "cpu_amp_config_on": amp_task.inferer({"device": "cpu"}).amp,
+                  "cpu_bf16_is_fast": bf16_is_fast("cpu")}))
 """
 
 
@@ -511,6 +516,36 @@ def test_infer_task_2d_png_and_missing_weights(tmp_path):
     # test-time mirroring per request: every spatial axis or none; the bundle's setting otherwise
     assert out["request_mirror"] == [0, 1] and out["request_no_mirror"] == []
     assert out["default_mirror"] == ([0, 1] if out["config_mirror"] else [])
+    # a CPU request runs bf16 only where the config allows it and this CPU computes bf16 natively
+    assert out["cpu_amp_config_off"] is False and out["cpu_amp_config_on"] is out["cpu_bf16_is_fast"]
+
+
+VENV_TRAIN_PLAN_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from medsegdiff_bundle.engine import bf16_is_fast
+from medsegdiff_bundle.label.train import MedSegDiffTrainTask
+
+root = Path(sys.argv[1])
+items = [{"image": str(root / f"img{i}.png"), "label": str(root / f"lab{i}.png")} for i in range(2)]
+amp = {}
+for name, overrides in (("bundle_default", {}), ("user_off", {"amp": False})):
+    path, _, _ = MedSegDiffTrainTask(root / name, overrides).plan({"device": "cpu"}, items)
+    amp[name] = json.loads(path.read_text(encoding="utf-8")).get("amp", "unset")
+print(json.dumps({**amp, "cpu_bf16_is_fast": bf16_is_fast("cpu")}))
+"""
+
+
+def test_train_task_on_the_cpu_keeps_bf16_only_where_it_pays(tmp_path):
+    """A CPU training request on a GPU machine: bf16 where this CPU computes it natively, a user's amp kept."""
+    problem = _venv_problem()
+    if problem:
+        pytest.skip(problem)
+    run = subprocess.run([str(VENV_PY), "-c", VENV_TRAIN_PLAN_SCRIPT, str(tmp_path)], cwd="/", capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["bundle_default"] is out["cpu_bf16_is_fast"] and out["user_off"] is False
 
 
 def test_server_stops_leaving_no_process(label_server):

@@ -5,6 +5,7 @@ from .ema import EMAModel, unwrap_model
 from .fastpath import (
     COMPILE_MODES,
     CompiledNetwork,
+    bf16_is_fast,
     channels_last_format,
     compile_network_calls,
     compile_training_calls,
@@ -43,6 +44,7 @@ __all__ = [
     "TimeBudgetHandler",
     "TrainingCurvesHandler",
     "atomic_save",
+    "bf16_is_fast",
     "bundle_workflow",
     "channels_last_format",
     "collate_skip_failed",

@@ -1,5 +1,5 @@
 """Fast-path switches shared by :class:`DiffusionSegInferer` and :class:`DiffusionTrainIteration`: channels-last
-memory layout and ``torch.compile``.
+memory layout and ``torch.compile``, and where bf16 autocast pays (:func:`bf16_is_fast`).
 
 Neither switch changes what a network *is*:
 
@@ -26,6 +26,7 @@ from .ema import unwrap_model
 __all__ = [
     "COMPILE_MODES",
     "CompiledNetwork",
+    "bf16_is_fast",
     "channels_last_format",
     "check_compile_mode",
     "compile_network_calls",
@@ -38,6 +39,33 @@ __all__ = [
 # ``torch.compile``'s modes; the two that replay CUDA graphs need the bookkeeping in :class:`CompiledNetwork`
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 natively, so that bf16 autocast (``amp``) is the faster path there; the default of
+    ``amp`` in ``inference.json`` and ``evaluate.json``.
+
+    * CUDA: GPUs with bf16 tensor cores (Ampere and later). Older ones only emulate bf16, which is slower than fp32.
+    * CPU: processors with AVX512-BF16 or AMX, whose bf16 instructions oneDNN's convolutions and matrix products use.
+      Measured on a 2-core AMD EPYC with AVX512-BF16 (``small`` preset, 256², ensemble 5, mirrored, channels-last):
+      7.0-8.0 s per image against 11.9-13.3 s in fp32 (``benchmarks/results/speed_cpu-2c_2026-11-27.json``). Other
+      CPUs only emulate bf16 and keep fp32 (not measured: no such CPU was at hand).
+    * anything else (MPS, XPU, ...): ``False``, fp32 as before.
+
+    Args:
+        device: the device the network runs on (``torch.device`` or its name, e.g. ``"cuda:1"``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        # private probes (torch has no public one); absent in some builds, where fp32 stays the safe choice
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:

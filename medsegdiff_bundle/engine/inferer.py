@@ -52,7 +52,8 @@ class DiffusionSegInferer(Inferer):
         return_anchor: append the condition model's class probabilities (the anchor, ``K`` channels) after the
             fused probabilities and before the uncertainty, e.g. for validating the anchor beside the sampled result
             (split them off with :class:`medsegdiff_bundle.data.transforms.SplitTrailingChannelsd`).
-        amp: run the network under bf16 autocast (CUDA); FFTs stay in fp32.
+        amp: run the network under bf16 autocast (on CUDA, or on a CPU; the bundle's configs turn it on where
+            the device computes bf16 natively, :func:`~medsegdiff_bundle.engine.bf16_is_fast`); FFTs stay in fp32.
         channels_last: run in the channels-last layout (``torch.channels_last`` in 2D, ``channels_last_3d`` in 3D).
             The network's convolution weights are converted in place the first time it is seen (values and
             ``state_dict`` keys unchanged; later calls skip the conversion), the input is converted per call, and

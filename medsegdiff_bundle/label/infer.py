@@ -42,6 +42,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
 from ..diffusion.schedulers import SAMPLERS
+from ..engine.fastpath import bf16_is_fast
 from ..engine.inferer import DiffusionSegInferer
 from ..utils import as_bool, atomic_path
 from .bundle import bundle_parser, class_labels
@@ -242,7 +243,8 @@ class MedSegDiffInferTask(BasicInferTask):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {kwargs.get('sampler')!r}.")
         kwargs["return_uncertainty"] = True
         if not str(data.get("device", "cpu")).startswith("cuda"):
-            kwargs["amp"] = False
+            # the config's default follows the config's device, which may be a GPU this request does not use
+            kwargs["amp"] = as_bool(kwargs.get("amp", False), "amp") and bf16_is_fast("cpu")
         return DiffusionSegInferer(**kwargs)
 
     def inverse_transforms(self, data: Mapping | None = None) -> None:

@@ -32,6 +32,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list
 
+from ..engine.fastpath import bf16_is_fast
 from ..engine.launch import launch_training
 from ..utils import as_bool
 from .bundle import bundle_parser, pretrained_network_def, write_train_datalist
@@ -120,7 +121,8 @@ class MedSegDiffTrainTask(TrainTask):
         device = device[0] if isinstance(device, (list, tuple)) and device else device
         if world_size == 1 and (not torch.cuda.is_available() or str(device or "cuda").startswith("cpu")):
             overrides["device"] = "$torch.device('cpu')"
-            overrides["amp"] = False
+            if "amp" not in self.overrides:  # the bundle's amp may follow a GPU this request does not use
+                overrides["amp"] = bf16_is_fast("cpu")
         elif world_size == 1 and device:
             overrides["device"] = f"$torch.device('{device}')"
         path = work / "train_overrides.json"
