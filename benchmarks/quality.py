@@ -227,8 +227,11 @@ def variant_settings(variant: str) -> dict:
 LR_SCHEDULE = "cosine to 0.05 over the time budget"
 LR_FLOOR = 0.05
 
-# where the data lies and how it is loaded change nothing about the trained model (the GPU runs read a copy)
-_NOT_TRAINING_SETTINGS = ("dataset_dir", "datalist", "num_workers")
+# where the data lies and how it is loaded change nothing about the trained model (the GPU runs read a copy); nor
+# does the precision, which both models of a run share (bf16 where the device computes it natively) and the result
+# records: bf16 and fp32 scored one model alike (Dice 0.8425 against 0.8428, speed_cpu-2c_2026-11-27.json), so a
+# model trained on a GPU is still scored on a CPU without bf16
+_NOT_TRAINING_SETTINGS = ("dataset_dir", "datalist", "num_workers", "amp")
 
 
 def check_training_settings(root: Path, settings: dict) -> None:
@@ -243,7 +246,8 @@ def check_training_settings(root: Path, settings: dict) -> None:
                                    sort_keys=True))
     stamp = root / "training.json"
     if stamp.is_file():
-        recorded = read_json(stamp)
+        # stamps written before a key joined _NOT_TRAINING_SETTINGS may hold it
+        recorded = {k: v for k, v in read_json(stamp).items() if k not in _NOT_TRAINING_SETTINGS}
         changed = {k: {"trained with": recorded.get(k), "asked for": wanted.get(k)}
                    for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)}
         if changed:
@@ -482,9 +486,10 @@ def make_dynunet(topology: dict):
                    filters=topology["filters"], norm_name="instance", deep_supervision=False, res_block=False)
 
 
-def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, device) -> float:
-    """Plain training loop (DiceCELoss, AdamW, bf16 autocast on CUDA), budget checked after each epoch like the
-    bundle's ``TimeBudgetHandler``; checkpoint every epoch, resumable. Returns training minutes used."""
+def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, device, amp: bool) -> float:
+    """Plain training loop (DiceCELoss, AdamW, bf16 autocast with ``amp``, as MedSegDiff-V2 in the same run), budget
+    checked after each epoch like the bundle's ``TimeBudgetHandler``; checkpoint every epoch, resumable. Returns
+    training minutes used."""
     import torch
     from monai.data import DataLoader
     from monai.losses import DiceCELoss
@@ -521,7 +526,6 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", drop_last=False)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    amp = device.type == "cuda"
     start = time.monotonic() - elapsed * 60.0
     while elapsed < args.minutes:
         net.train()
@@ -696,6 +700,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from medsegdiff_bundle.engine.fastpath import bf16_is_fast
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_ids, val_ids, test_ids = split["train"], split["validation"], split["test"]
     if args.smoke:
@@ -723,8 +729,8 @@ def main(argv=None) -> int:
     # evaluation folder is reused whichever way it was computed)
     compiled = {"compile": True, "compile_mode": args.compile_mode} if args.compile_mode else {}
     eval_extra.update(compiled)
-    if args.smoke:
-        common["amp"] = False
+    # one precision for both models, training and sampling (the smoke run stays in fp32)
+    common["amp"] = bf16_is_fast(device) and not args.smoke
 
     t0 = time.monotonic()
     result: dict = {
@@ -744,6 +750,7 @@ def main(argv=None) -> int:
         "ensemble": args.ensemble,
         "round_x0": bool(args.round_x0),
         "mirror_axes": list(MIRROR_AXES) if args.mirror else [],
+        "amp_bf16": common["amp"],
         "anchor_weight": None if args.anchor_weight == "select" else float(args.anchor_weight),
         "settings": {k: v for k, v in vars(args).items()},
     }
@@ -786,7 +793,7 @@ def main(argv=None) -> int:
         base_root = out / "dynunet"
         base_root.mkdir(parents=True, exist_ok=True)
         # the baseline trains on every training case (the validation fold included: it never selects a model)
-        base_minutes = train_dynunet(base_root, cases(train_ids), args, topology, device)
+        base_minutes = train_dynunet(base_root, cases(train_ids), args, topology, device, common["amp"])
         base = evaluate_dynunet(base_root, cases(test_ids), args, topology, device)
         result.update({"dice_baseline": base["dice"], "iou_baseline": base["iou"], "hd95_baseline": base["hd95"],
                        "train_minutes_baseline": base_minutes, "baseline": {"model": "monai DynUNet", **topology,

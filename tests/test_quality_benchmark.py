@@ -38,6 +38,20 @@ def test_in_memory_diagnostics_sample_with_the_test_evaluations_mirroring():
     assert quality.evaluation_sampler(quality.parse_args(["--no-mirror"])).mirror_axes == ()
 
 
+def test_the_training_stamp_ignores_the_shared_precision_but_not_the_settings(tmp_path):
+    """bf16 or fp32 is the device's choice for both models of a run (recorded in the result), not a property of the
+    trained model: a model trained on a GPU in bf16 is resumed or scored on a CPU in fp32. Stamps written before the
+    precision was left out (the smoke runs recorded amp false) still match."""
+    quality = _load_script()
+    quality.check_training_settings(tmp_path, {"lr": 1e-3, "amp": True, "num_workers": 8})
+    assert json.loads((tmp_path / "training.json").read_text(encoding="utf-8")) == {"lr": 1e-3}
+    quality.check_training_settings(tmp_path, {"lr": 1e-3, "amp": False, "num_workers": 1})
+    (tmp_path / "training.json").write_text(json.dumps({"lr": 1e-3, "amp": False}), encoding="utf-8")
+    quality.check_training_settings(tmp_path, {"lr": 1e-3, "amp": True})
+    with pytest.raises(SystemExit, match="'lr'"):
+        quality.check_training_settings(tmp_path, {"lr": 2e-3, "amp": False})
+
+
 def test_split_file_is_names_only_and_follows_its_rule():
     doc = json.loads(SPLIT.read_text(encoding="utf-8"))
     assert {"rule", "test_ids", "num_test", "num_cases"} <= set(doc)
@@ -72,6 +86,7 @@ def test_quality_benchmark_smoke(tmp_path):
     for key in ("dice_medsegdiff", "dice_baseline", "iou_medsegdiff", "iou_baseline"):
         assert 0.0 <= res[key] <= 1.0, (key, res[key])
     assert res["steps"] == 2 and res["ensemble"] == 2 and res["split"]["num_test"] == 4
+    assert res["amp_bf16"] is False  # the smoke run trains and samples both models in fp32
     assert res["split"]["file"] == "benchmarks/splits/kvasir_seg_split.json" and res["split"]["rule"]
     assert res["medsegdiff"]["cases"] == 4 and res["baseline"]["cases"] == 4
     # the per-case pairing: same cases, so its mean is the difference of the two means
