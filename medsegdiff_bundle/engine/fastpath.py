@@ -43,9 +43,9 @@ _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def bf16_is_fast(device: torch.device | str) -> bool:
     """Whether ``device`` runs bf16 natively, so that bf16 autocast (``amp``) is the faster path there; the default of
-    ``amp`` in ``inference.json`` and ``evaluate.json``.
+    ``amp`` in ``train.json``, ``inference.json`` and ``evaluate.json``.
 
-    * CUDA: GPUs with bf16 tensor cores (Ampere and later). Older ones only emulate bf16, which is slower than fp32.
+    * CUDA: GPUs with bf16 tensor cores (Ampere and later); older ones (e.g. V100, T4) only emulate bf16.
     * CPU: processors with AVX512-BF16 or AMX, whose bf16 instructions oneDNN's convolutions and matrix products use.
       Measured on a 2-core AMD EPYC with AVX512-BF16 (``small`` preset, 256², ensemble 5, mirrored, channels-last):
       7.0-8.0 s per image against 11.9-13.3 s in fp32 (``benchmarks/results/speed_cpu-2c_2026-11-27.json``). Other
