@@ -357,3 +357,49 @@ def test_a_trace_after_sampling_keeps_the_size_and_weight_dependence():
         xb = torch.randn(2, 1, 48, 48)
         for got, want in zip(traced(xb, big, t), model(xb, big, t), strict=True):  # noise and anchor logits
             assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_group_norm_trains_channels_last_bf16_on_cpu_through_the_contiguous_kernel(spatial_dims, monkeypatch):
+    """CPU training under bf16 autocast hands GroupNorm's kernel a contiguous tensor (torch's channels-last backward
+    is many times slower there) and gives the caller back its channels-last layout, with the values and gradients of
+    the direct call. Without autograd (sampling) the kernel sees the channels-last tensor itself."""
+    import torch.nn.functional as F
+
+    from medsegdiff_bundle.networks import blocks
+
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    norm = blocks.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, *(6,) * spatial_dims).to(torch.bfloat16).contiguous(memory_format=fmt)
+    grad = torch.randn_like(x)
+    kernel_inputs = []
+    real_group_norm = F.group_norm
+
+    def recording(inp, *args, **kwargs):
+        kernel_inputs.append(inp.is_contiguous())
+        return real_group_norm(inp, *args, **kwargs)
+
+    monkeypatch.setattr(blocks.F, "group_norm", recording)
+    x_ours = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x_ours)
+    y.backward(grad)
+    assert kernel_inputs == [True]
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+
+    weight, bias = (p.detach().to(torch.bfloat16).requires_grad_(True) for p in (norm.weight, norm.bias))
+    x_direct = x.clone().requires_grad_(True)
+    expected = real_group_norm(x_direct, 4, weight, bias, norm.eps)
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x_ours.grad, x_direct.grad)
+    torch.testing.assert_close(norm.weight.grad, weight.grad.float(), rtol=2e-2, atol=2e-2)
+
+    kernel_inputs.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled = norm(x)
+    assert kernel_inputs == [False] and sampled.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(sampled, expected.detach())

@@ -18,8 +18,8 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 __all__ = [
-    "GroupNorm", "group_norm", "conv", "unet_widths", "ResBlock", "Downsample", "Upsample", "TimestepEmbedding",
-    "cached_for_inference", "tensor_key",
+    "channels_last_layout", "GroupNorm", "group_norm", "conv", "unet_widths", "ResBlock", "Downsample", "Upsample",
+    "TimestepEmbedding", "cached_for_inference", "tensor_key",
 ]
 
 
@@ -66,7 +66,13 @@ class GroupNorm(nn.GroupNorm):
     statistics, only the output is rounded to bf16 -- as the next convolution would round it anyway. Parameters,
     ``state_dict`` keys and fp32 behaviour are those of ``nn.GroupNorm``.
 
-    ``(B, C, *S) -> (B, C, *S)``, in the input's dtype.
+    On the CPU, a low-precision channels-last input that autograd tracks (training) is normalised in the contiguous
+    layout and handed back channels-last: torch's CPU backward of ``group_norm`` for that layout is 5-35x slower
+    than for the contiguous one (bf16, 2 cores, torch 2.13: 21 ms against 1 ms at ``(8, 16, 128, 128)``), and the
+    two layout copies cost less than the difference (about 10 % of a bf16 training step of the small model). The
+    forward kernels are fast in both layouts, so inference keeps channels-last throughout.
+
+    ``(B, C, *S) -> (B, C, *S)``, in the input's dtype and memory layout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +81,21 @@ class GroupNorm(nn.GroupNorm):
                 weight, bias = cached_for_inference(
                     self, "_low_precision_affine", (x.dtype, *tensor_key(self.weight, self.bias)),
                     lambda: tuple(None if p is None else p.to(x.dtype) for p in (self.weight, self.bias)))
-                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+                layout = channels_last_layout(x) if x.device.type == "cpu" and x.requires_grad else None
+                if layout is None:
+                    return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+                y = F.group_norm(x.contiguous(), self.num_groups, weight, bias, self.eps)
+                return y.contiguous(memory_format=layout)
         return super().forward(x)
+
+
+def channels_last_layout(x: torch.Tensor) -> torch.memory_format | None:
+    """``torch.channels_last`` / ``channels_last_3d`` when ``x`` is laid out so (and not also plain contiguous, as a
+    tensor with one channel or one voxel is), else ``None``."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    if fmt is None or x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+        return None
+    return fmt
 
 
 def group_norm(channels: int, num_groups: int = 8) -> GroupNorm:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import cached_for_inference, tensor_key
+from .blocks import cached_for_inference, channels_last_layout, tensor_key
 
 __all__ = ["frequency_grid", "NeuralBandPassFilter", "SpectralCrossAttention", "SSFormerBlock", "SSFormer"]
 
@@ -43,10 +43,7 @@ def _layout_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     contiguous, and GroupNorm's kernel then refused the real strides (``.contiguous()`` would not copy: size-1 axes
     are ignored by the contiguity check).
     """
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(ref.ndim)
-    if fmt is None or ref.is_contiguous() or not ref.is_contiguous(memory_format=fmt):
-        fmt = torch.contiguous_format
-    return x.clone(memory_format=fmt)
+    return x.clone(memory_format=channels_last_layout(ref) or torch.contiguous_format)
 
 
 def frequency_grid(spatial_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
