@@ -659,6 +659,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train and score the DynUNet baseline alone (e.g. in a GPU session of its own at a budget that "
                         "does not fit both models)")
     p.add_argument("--write-split", action="store_true", help="rewrite benchmarks/splits/kvasir_seg_split.json")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="training and sampling precision of both models; auto: bf16 autocast where the device computes "
+                        "it natively (bf16_is_fast), else fp32 (--smoke: fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test: 12 train + 4 test cases, 64^2, tiny widths, 0.05 min, steps 2, ensemble 2")
@@ -688,6 +691,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def uses_bf16(args, device) -> bool:
+    """Whether both models train and sample under bf16 autocast: ``--precision``, where ``auto`` is bf16 on a device
+    that computes it natively (``bf16_is_fast``) and fp32 elsewhere and in ``--smoke``."""
+    from medsegdiff_bundle.engine.fastpath import bf16_is_fast
+
+    if args.precision == "auto":
+        return bf16_is_fast(device) and not args.smoke
+    return args.precision == "bf16"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
@@ -699,8 +712,6 @@ def main(argv=None) -> int:
     split = load_checked_split(data, write=args.write_split)
 
     import torch
-
-    from medsegdiff_bundle.engine.fastpath import bf16_is_fast
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_ids, val_ids, test_ids = split["train"], split["validation"], split["test"]
@@ -729,8 +740,8 @@ def main(argv=None) -> int:
     # evaluation folder is reused whichever way it was computed)
     compiled = {"compile": True, "compile_mode": args.compile_mode} if args.compile_mode else {}
     eval_extra.update(compiled)
-    # one precision for both models, training and sampling (the smoke run stays in fp32)
-    common["amp"] = bf16_is_fast(device) and not args.smoke
+    # one precision for both models, training and sampling
+    common["amp"] = uses_bf16(args, device)
 
     t0 = time.monotonic()
     result: dict = {

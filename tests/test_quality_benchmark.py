@@ -52,6 +52,23 @@ def test_the_training_stamp_ignores_the_shared_precision_but_not_the_settings(tm
         quality.check_training_settings(tmp_path, {"lr": 2e-3, "amp": False})
 
 
+def test_precision_is_the_devices_unless_asked(monkeypatch):
+    """--precision auto follows bf16_is_fast (fp32 in --smoke); bf16 and fp32 are taken as asked, smoke or not."""
+    import torch
+
+    from medsegdiff_bundle.engine import fastpath
+
+    quality = _load_script()
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(fastpath, "bf16_is_fast", lambda device, native=native: native)
+        assert quality.uses_bf16(quality.parse_args([]), cpu) is native
+        assert quality.uses_bf16(quality.parse_args(["--smoke"]), cpu) is False
+        for smoke in ([], ["--smoke"]):
+            assert quality.uses_bf16(quality.parse_args(["--precision", "bf16", *smoke]), cpu) is True
+            assert quality.uses_bf16(quality.parse_args(["--precision", "fp32", *smoke]), cpu) is False
+
+
 def test_split_file_is_names_only_and_follows_its_rule():
     doc = json.loads(SPLIT.read_text(encoding="utf-8"))
     assert {"rule", "test_ids", "num_test", "num_cases"} <= set(doc)
