@@ -635,7 +635,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--x0-dice-weight", type=float, default=None,
                    help="MedSegDiff-V2 weight of the soft Dice on the predicted x0 (MedSegDiffLoss x0_dice_weight; "
                         "default: the bundle's)")
-    p.add_argument("--baseline-lr", type=float, default=1e-3, help="DynUNet AdamW learning rate (constant)")
+    p.add_argument("--baseline-lr", type=float, default=1e-3,
+                   help="DynUNet AdamW learning rate (annealed over the budget as MedSegDiff-V2's)")
     p.add_argument("--baseline-filters", type=int, nargs=2, default=[32, 320], metavar=("BASE", "MAX"),
                    help="DynUNet filters: first level and cap")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
