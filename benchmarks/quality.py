@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Quality benchmark on Kvasir-SEG: MedSegDiff-V2 (through the bundle) vs a MONAI DynUNet (nnU-Net-like) baseline.
 
-Both models train for the same wall-clock budget (``--minutes``) on the same training cases with the same
+Both models train for the same wall-clock budget (``--minutes``; or the same number of epochs, ``--epochs``, where
+the machine's speed varies between runs) on the same training cases with the same
 augmentation (``build_preprocessing(stage="train")``), and are scored on a FIXED held-out split at the images'
 ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same metric code
 (``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
@@ -34,6 +35,7 @@ Example::
     python benchmarks/quality.py --minutes 60 --compare-ddpm --ddpm-cases 10          # GPU
     python benchmarks/quality.py --minutes 30 --ablations none,sa,usa,usa+ssformer_nofilter,usa+ssformer
     python benchmarks/quality.py --minutes 10 --skip-medsegdiff                         # the baseline alone
+    python benchmarks/quality.py --epochs 15 --lr-floor 1                               # equal iterations, constant lr
     python benchmarks/quality.py --smoke --output /tmp/quality_smoke                   # CPU, < 90 s
 
 A command killed partway (e.g. at a 10-minute command limit) loses at most the epoch in progress: the same command
@@ -221,11 +223,22 @@ def variant_settings(variant: str) -> dict:
     return {"anchor": anchor, "semantic": semantic}
 
 
-# both models: cosine from the learning rate to LR_FLOOR times it over the budget, the time share updated at every
+# both models: cosine from the learning rate to --lr-floor times it over the budget, the time share updated at every
 # epoch end (the bundle's ProgressCosineLR with its TimeBudgetHandler); part of both training stamps, so a folder
 # trained with another schedule is not resumed with this one
-LR_SCHEDULE = "cosine to 0.05 over the time budget"
 LR_FLOOR = 0.05
+
+
+def training_budget(args) -> float | None:
+    """Each model's wall-clock budget in minutes: ``--minutes``, or ``None`` when ``--epochs`` sets the length."""
+    return None if args.epochs else args.minutes
+
+
+def lr_schedule(floor: float, epochs: int | None = None) -> str:
+    """The schedule's name in the training stamps (the default's is the one the stamps had before --lr-floor)."""
+    if floor == 1.0:
+        return "constant"
+    return f"cosine to {floor:g} over the {f'{epochs} epochs' if epochs else 'time budget'}"
 
 # where the data lies and how it is loaded change nothing about the trained model (the GPU runs read a copy); nor
 # does the precision, which both models of a run share (bf16 where the device computes it natively) and the result
@@ -258,13 +271,17 @@ def check_training_settings(root: Path, settings: dict) -> None:
     write_json(stamp, wanted)
 
 
-def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_extra: dict) -> float:
-    """Bundle training with a wall-clock budget (``None``: none, ``train_extra["max_epochs"]`` ends it); resumable
-    with the same settings (see :func:`check_training_settings`). Returns the training minutes used (all sessions)."""
+def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_extra: dict,
+                     lr_floor: float = LR_FLOOR) -> float:
+    """Bundle training with a wall-clock budget (``None``: none, ``train_extra["max_epochs"]`` ends it) and the
+    learning rate annealed to ``lr_floor`` times ``train_extra["learning_rate"]``; resumable with the same settings
+    (see :func:`check_training_settings`). Returns the training minutes used (all sessions)."""
     from medsegdiff_bundle.engine.handlers import latest_checkpoint
     from medsegdiff_bundle.engine.workflow import run_bundle
 
-    check_training_settings(root, {**settings, **train_extra, "minutes": minutes, "lr_schedule": LR_SCHEDULE})
+    epochs = None if minutes is not None else train_extra.get("max_epochs")
+    check_training_settings(root, {**settings, **train_extra, "minutes": minutes,
+                                   "lr_schedule": lr_schedule(lr_floor, epochs)})
     state_path = root / "train_state.json"
     state = read_json(state_path)
     if state.get("done"):
@@ -279,8 +296,9 @@ def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_ex
         start = time.monotonic()
         # the whole budget: the checkpoint carries the training time used (TimeBudgetHandler), and the learning rate
         # anneals over the whole budget
+        eta_min = {"lr_scheduler#eta_min": lr_floor * train_extra["learning_rate"]}
         run_bundle("train", "train", root, resume=ckpt is not None, time_budget_minutes=minutes, **settings,
-                   **train_extra)
+                   **train_extra, **eta_min)
         elapsed += (time.monotonic() - start) / 60.0
     write_json(state_path, {"elapsed_min": elapsed, "done": True})
     return elapsed
@@ -488,8 +506,8 @@ def make_dynunet(topology: dict):
 
 def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, device, amp: bool) -> float:
     """Plain training loop (DiceCELoss, AdamW, bf16 autocast with ``amp``, as MedSegDiff-V2 in the same run), budget
-    checked after each epoch like the bundle's ``TimeBudgetHandler``; checkpoint every epoch, resumable. Returns
-    training minutes used."""
+    checked after each epoch like the bundle's ``TimeBudgetHandler`` (or ``--epochs`` epochs, the learning rate
+    annealed over them); checkpoint every epoch, resumable. Returns training minutes used."""
     import torch
     from monai.data import DataLoader
     from monai.losses import DiceCELoss
@@ -500,10 +518,12 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     from medsegdiff_bundle.data.transforms import build_preprocessing
     from medsegdiff_bundle.engine import atomic_save, cosine_annealed, samples_per_epoch
 
-    check_training_settings(root, {"minutes": args.minutes, "size": args.size, "batch_size": args.batch_size,
+    # "epochs" joins the stamp only when set, so that folders trained before --epochs existed still resume
+    check_training_settings(root, {"minutes": training_budget(args), "size": args.size, "batch_size": args.batch_size,
                                    "iterations_per_epoch": args.iterations_per_epoch, "lr": args.baseline_lr,
                                    "seed": args.seed, "topology": topology, "num_cases": len(train_cases),
-                                   "lr_schedule": LR_SCHEDULE})
+                                   "lr_schedule": lr_schedule(args.lr_floor, args.epochs),
+                                   **({"epochs": args.epochs} if args.epochs else {})})
     final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
     state = read_json(root / "train_state.json")
     if final.is_file() and state.get("done"):
@@ -527,10 +547,12 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
                         pin_memory=device.type == "cuda", drop_last=False)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start = time.monotonic() - elapsed * 60.0
-    while elapsed < args.minutes:
+    while (epoch < args.epochs) if args.epochs else (elapsed < args.minutes):
         net.train()
-        for group in opt.param_groups:  # the bundle's schedule: the time share as of the last epoch end
-            group["lr"] = cosine_annealed(args.baseline_lr, LR_FLOOR * args.baseline_lr, elapsed / args.minutes)
+        # the bundle's schedule: the share of the epochs or of the time budget as of the last epoch end
+        progress = epoch / args.epochs if args.epochs else elapsed / args.minutes
+        for group in opt.param_groups:
+            group["lr"] = cosine_annealed(args.baseline_lr, args.lr_floor * args.baseline_lr, progress)
         pre.set_random_state(seed=args.seed + epoch)  # per-epoch augmentation seed, like the bundle's EpochSeedHandler
         torch.manual_seed(args.seed + epoch)
         for batch in loader:
@@ -605,6 +627,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/quality_<device>_<date>.json; "
                    "with --smoke: <output>/quality_<device>_<date>.json)")
     p.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget per model")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train each model for this many epochs instead of --minutes (the learning rates anneal over "
+                        "them): a comparison at equal iterations, which does not depend on how fast the machine runs "
+                        "that hour")
     p.add_argument("--size", type=int, default=256, help="patch size (images are resized to size x size)")
     p.add_argument("--batch-size", type=int, default=8, help="both models")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -630,6 +656,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "nnU-Net predicts). Each setting is evaluated into folders of its own ('_mirror' when on)")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
+    p.add_argument("--lr-floor", type=float, default=LR_FLOOR,
+                   help="both models' learning rate anneals (cosine over the time budget) to this fraction of its "
+                        "start (the bundle's ProgressCosineLR eta_min); 1: constant")
     p.add_argument("--timestep-power", type=float, default=None,
                    help="MedSegDiff-V2 training timestep density ~ t^(p-1) (default: the bundle's timestep_power)")
     p.add_argument("--x0-dice-weight", type=float, default=None,
@@ -683,6 +712,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         asked = [name for name, used in needs_msd.items() if used]
         if asked:
             p.error(f"{', '.join(asked)} need(s) the MedSegDiff-V2 model, which --skip-medsegdiff leaves out")
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0.0 <= args.lr_floor <= 1.0:
+        p.error(f"--lr-floor must be in [0, 1] (a fraction of the start rate), got {args.lr_floor}")
     if args.ddpm_cases < 1 or args.ddpm_part < 1:
         p.error(f"--ddpm-cases and --ddpm-part must be >= 1, got {args.ddpm_cases} and {args.ddpm_part}")
     if args.smoke:
@@ -728,7 +761,8 @@ def main(argv=None) -> int:
               "channels": list(args.channels), "num_workers": args.num_workers, "seed": args.seed,
               "condition_channels": list(args.condition_channels) if args.condition_channels else None,
               "condition_backbone": args.condition_backbone}
-    train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": 100_000, "batch_size": args.batch_size,
+    train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": args.epochs or 100_000,
+                   "batch_size": args.batch_size,
                    "learning_rate": args.lr, "iterations_per_epoch": args.iterations_per_epoch,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
                    **({"x0_dice_weight": args.x0_dice_weight} if args.x0_dice_weight is not None else {}),
@@ -756,7 +790,8 @@ def main(argv=None) -> int:
         "split": {"rule": SPLIT_RULE, "file": str(SPLIT_FILE.relative_to(_ROOT)), "num_train": len(train_ids),
                   "num_validation": len(val_ids), "num_test": len(test_ids)},
         "size": args.size,
-        "train_minutes_budget": args.minutes,
+        "train_minutes_budget": training_budget(args),
+        "train_epochs": args.epochs,
         "sampler": args.sampler,
         "steps": args.steps,
         "ensemble": args.ensemble,
@@ -775,7 +810,8 @@ def main(argv=None) -> int:
     sampling_tag = ("_round_x0" if args.round_x0 else "") + ("_mirror" if args.mirror else "")
     blended = ""
     if not args.skip_medsegdiff:
-        msd_minutes = train_medsegdiff(msd_root, args.minutes, {**common, **main_variant}, train_extra)
+        msd_minutes = train_medsegdiff(msd_root, training_budget(args), {**common, **main_variant}, train_extra,
+                                       args.lr_floor)
         if args.anchor_weight == "select":
             result["anchor_weight_selection"] = select_anchor_weight(msd_root, data, val_ids, args, main_variant,
                                                                      device)
@@ -810,7 +846,7 @@ def main(argv=None) -> int:
         result.update({"dice_baseline": base["dice"], "iou_baseline": base["iou"], "hd95_baseline": base["hd95"],
                        "train_minutes_baseline": base_minutes, "baseline": {"model": "monai DynUNet", **topology,
                                                                             **base}})
-    result["train_minutes"] = {"budget": args.minutes, "medsegdiff": msd_minutes,
+    result["train_minutes"] = {"budget": training_budget(args), "medsegdiff": msd_minutes,
                                "baseline": result.get("train_minutes_baseline")}
     if msd is not None and not args.skip_baseline:  # paired by case: a gap read against the case-to-case spread
         result["dice_minus_baseline"] = {"medsegdiff": paired_difference(Path(base["metrics_csv"]),
@@ -859,9 +895,10 @@ def main(argv=None) -> int:
                 minutes = msd_minutes
             elif equal_epochs:
                 minutes = train_medsegdiff(root, None, {**common, **settings},
-                                           {**train_extra, "max_epochs": result["ablation_epochs"]})
+                                           {**train_extra, "max_epochs": result["ablation_epochs"]}, args.lr_floor)
             else:
-                minutes = train_medsegdiff(root, args.minutes, {**common, **settings}, train_extra)
+                minutes = train_medsegdiff(root, training_budget(args), {**common, **settings}, train_extra,
+                                           args.lr_floor)
             res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
                                       f"evaluation{sampling_tag}{blended}")
             entry = result[key][v] = {
@@ -888,7 +925,8 @@ def main(argv=None) -> int:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
     print()
-    print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget {args.minutes} min")
+    print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget "
+          f"{f'{args.epochs} epochs' if args.epochs else f'{args.minutes} min'}")
     print(f"{'model':<44}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
     if msd is not None:
         blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""

@@ -375,3 +375,55 @@ def test_training_killed_at_a_command_limit_resumes_with_the_rest_of_the_budget(
     assert quality.train_medsegdiff(root, 10.0, settings, {"learning_rate": 1e-3}) == used and len(calls) == 2
     with pytest.raises(SystemExit, match="other settings"):
         quality.train_medsegdiff(root, 12.0, settings, {"learning_rate": 1e-3})
+
+
+def test_lr_floor_reaches_the_bundle_schedule_and_the_training_stamp(tmp_path, monkeypatch, capsys):
+    """--lr-floor sets the bundle's ProgressCosineLR eta_min (a fraction of the start rate), names the schedule in the
+    stamp so that a folder trained with another floor is not resumed, and keeps the default's stamp as it was (folders
+    trained before the option resume)."""
+    import medsegdiff_bundle.engine.workflow as workflow
+
+    quality = _load_script()
+    overrides = []
+    monkeypatch.setattr(workflow, "run_bundle", lambda *a, **kwargs: overrides.append(kwargs))
+    settings = {"channels": [8, 16], "seed": 0}
+    quality.train_medsegdiff(tmp_path / "constant", 1.0, settings, {"learning_rate": 2e-3}, lr_floor=1.0)
+    quality.train_medsegdiff(tmp_path / "default", 1.0, settings, {"learning_rate": 2e-3})
+    assert [o["lr_scheduler#eta_min"] for o in overrides] == [pytest.approx(2e-3), pytest.approx(1e-4)]
+    stamps = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("constant", "default")]
+    assert [s["lr_schedule"] for s in stamps] == ["constant", "cosine to 0.05 over the time budget"]
+    (tmp_path / "constant" / "train_state.json").write_text(json.dumps({"done": False}))
+    with pytest.raises(SystemExit, match="lr_schedule"):
+        quality.train_medsegdiff(tmp_path / "constant", 1.0, settings, {"learning_rate": 2e-3}, lr_floor=0.05)
+    assert quality.parse_args(["--lr-floor", "1"]).lr_floor == 1.0
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--lr-floor", "1.5"])
+    assert "--lr-floor" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason="Kvasir-SEG not in ../shared/data")
+def test_epochs_train_both_models_that_long_whatever_the_minutes(tmp_path):
+    """--epochs replaces the time budget: both models train exactly that many epochs (a --minutes far too short to
+    reach them is ignored), each learning rate anneals over them to --lr-floor, and the stamps and the result say so."""
+    import torch
+
+    from medsegdiff_bundle.engine import cosine_annealed, latest_checkpoint, load_checkpoint
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--epochs", "3",
+                           "--minutes", "0.0001", "--iterations-per-epoch", "1", "--lr-floor", "0.1", "--steps", "1",
+                           "--ensemble", "1", "--no-mirror"], cwd=REPO, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads(next(tmp_path.glob("quality_*.json")).read_text(encoding="utf-8"))
+    assert res["train_epochs"] == 3 and res["train_minutes_budget"] is None and res["iterations_medsegdiff"] == 3
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "medsegdiff" / "models"))
+    assert ckpt["trainer"]["iteration"] == 3 and ckpt["trainer"]["max_epochs"] == 3
+    # the bundle's cosine over 3 iterations reaches the floor at the last one; DynUNet's is set per epoch
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * res["settings"]["lr"])
+    dyn = torch.load(tmp_path / "dynunet" / "checkpoint.pt", weights_only=True)
+    assert dyn["epoch"] == 3
+    lr = res["settings"]["baseline_lr"]
+    assert dyn["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cosine_annealed(lr, 0.1 * lr, 2 / 3))
+    for model in ("medsegdiff", "dynunet"):
+        stamp = json.loads((tmp_path / model / "training.json").read_text(encoding="utf-8"))
+        assert stamp["minutes"] is None and stamp["lr_schedule"] == "cosine to 0.1 over the 3 epochs", stamp
