@@ -51,10 +51,8 @@ def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     assert timing["epoch"].tolist() == [1, 2] and timing["iterations"].sum() == ckpt["trainer"]["iteration"]
     assert timing["images"].sum() == TRAIN_2D["batch_size"] * ckpt["trainer"]["iteration"]
     assert (timing["images_per_s"] > 0).all() and timing["data_wait_fraction"].between(0, 1).all()
-    # the learning rate anneals per iteration over max_epochs: the cosine's midpoint after epoch 1 of 2, the floor
-    # (5 % of it) after the last
-    lr = 1e-4  # train.json's learning_rate
-    np.testing.assert_allclose(timing["learning_rate"], [lr * (0.05 + 0.95 * 0.5), lr * 0.05], rtol=1e-6)
+    # the learning rate stays at train.json's learning_rate (lr_floor 1: constant, the EMA weights do the averaging)
+    np.testing.assert_allclose(timing["learning_rate"], [1e-4, 1e-4], rtol=1e-6)
     # the sampled result's Dice and the condition model's own (anchor) Dice, per validation run
     val_log = pd.read_csv(trained_2d / "eval" / "validation_log.csv")
     assert {"val_mean_dice", "val_anchor_dice"} <= set(val_log.columns) and len(val_log) == 2
@@ -297,12 +295,22 @@ def test_time_budget_stops_after_an_epoch_and_keeps_its_checkpoint(tmp_path):
     assert ckpt["trainer"]["iteration"] == ckpt["trainer"]["epoch_length"]  # stopped after epoch 1 of 50
 
 
+def test_lr_floor_is_where_the_rate_ends(tmp_path):
+    """``lr_floor`` is the fraction of ``learning_rate`` the cosine reaches at the end of the run (1, the default:
+    constant); the rate anneals per iteration over max_epochs, so it is the cosine's midpoint after epoch 1 of 2."""
+    write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
+    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "val_interval": 100, "learning_rate": 1e-3,
+                                               "lr_floor": 0.25})
+    timing = pd.read_csv(tmp_path / "eval" / "loop_timing.csv")
+    np.testing.assert_allclose(timing["learning_rate"], [1e-3 * (0.25 + 0.75 * 0.5), 1e-3 * 0.25], rtol=1e-6)
+
+
 def test_a_resumed_time_budget_spends_what_is_left_and_the_rate_anneals_over_it(tmp_path):
     """The checkpoint carries the training time used: resumed with the same budget, a run that had used it up
     stops after one more epoch (before, the budget started anew and the run went on to max_epochs), at the rate's
     floor, since the learning rate anneals over the budget rather than over the (large) max_epochs."""
     write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
-    common = {**TRAIN_2D, "max_epochs": 50, "val_interval": 100, "learning_rate": 1e-3}
+    common = {**TRAIN_2D, "max_epochs": 50, "val_interval": 100, "learning_rate": 1e-3, "lr_floor": 0.05}
     # a budget of a few epochs: the first run must stop on it, not on max_epochs
     run_workflow("train", "train", tmp_path, **{**common, "time_budget_minutes": 0.02})
     first = load_checkpoint(latest_checkpoint(tmp_path / "models"))

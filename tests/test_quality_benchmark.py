@@ -378,19 +378,20 @@ def test_training_killed_at_a_command_limit_resumes_with_the_rest_of_the_budget(
 
 
 def test_lr_floor_reaches_the_bundle_schedule_and_the_training_stamp(tmp_path, monkeypatch, capsys):
-    """--lr-floor sets the bundle's ProgressCosineLR eta_min (a fraction of the start rate), names the schedule in the
-    stamp so that a folder trained with another floor is not resumed, and keeps the default's stamp as it was (folders
-    trained before the option resume)."""
+    """--lr-floor sets the bundle's lr_floor (the fraction of the start rate the cosine ends at; default 1, constant),
+    names the schedule in the stamp so that a folder trained with another floor is not resumed, and names 0.05 as
+    every stamp did before the option (so folders trained with the annealed rate of bundles 0.5-0.7 resume with
+    --lr-floor 0.05)."""
     import medsegdiff_bundle.engine.workflow as workflow
 
     quality = _load_script()
     overrides = []
     monkeypatch.setattr(workflow, "run_bundle", lambda *a, **kwargs: overrides.append(kwargs))
     settings = {"channels": [8, 16], "seed": 0}
-    quality.train_medsegdiff(tmp_path / "constant", 1.0, settings, {"learning_rate": 2e-3}, lr_floor=1.0)
-    quality.train_medsegdiff(tmp_path / "default", 1.0, settings, {"learning_rate": 2e-3})
-    assert [o["lr_scheduler#eta_min"] for o in overrides] == [pytest.approx(2e-3), pytest.approx(1e-4)]
-    stamps = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("constant", "default")]
+    quality.train_medsegdiff(tmp_path / "constant", 1.0, settings, {"learning_rate": 2e-3})
+    quality.train_medsegdiff(tmp_path / "annealed", 1.0, settings, {"learning_rate": 2e-3}, lr_floor=0.05)
+    assert [o["lr_floor"] for o in overrides] == [1.0, 0.05]
+    stamps = [json.loads((tmp_path / name / "training.json").read_text()) for name in ("constant", "annealed")]
     assert [s["lr_schedule"] for s in stamps] == ["constant", "cosine to 0.05 over the time budget"]
     (tmp_path / "constant" / "train_state.json").write_text(json.dumps({"done": False}))
     with pytest.raises(SystemExit, match="lr_schedule"):

@@ -3,8 +3,11 @@
 A per-epoch cosine over ``max_epochs`` does not fit a run that stops on a time budget: ``medsegdiff auto
 --time_budget`` sets ``max_epochs`` large so that the budget ends the run, and the rate then stays near its start
 value and is cut off wherever the budget ends. Annealing over the larger of the iteration share and the budget share
-ends either kind of run at ``eta_min``; budget-aware decay to the end of the budget trains markedly better than a
-constant rate at the same budget (Li, Yumer & Ramanan, "Budgeted training", ICLR 2020).
+ends either kind of run at ``eta_min`` (budget-aware decay: Li, Yumer & Ramanan, "Budgeted training", ICLR 2020).
+
+The bundle's ``lr_floor`` (``eta_min`` as a fraction of ``learning_rate``) is 1 by default, a constant rate, as the
+official MedSegDiff code and diffusion training generally run, with the EMA weights doing the averaging: on
+Kvasir-SEG at 885 CPU iterations, annealing to 5 % scored 0.033 Dice lower (README, *Speed and quality*).
 """
 
 from __future__ import annotations
