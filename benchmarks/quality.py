@@ -297,8 +297,8 @@ def train_medsegdiff(root: Path, minutes: float | None, settings: dict, train_ex
     if remaining is None or remaining > 0 or ckpt is None:
         write_json(state_path, {"elapsed_min": elapsed, "segment_start": time.time(), "done": False})
         start = time.monotonic()
-        # the whole budget: the checkpoint carries the training time used (TimeBudgetHandler), and the learning rate
-        # anneals over the whole budget
+        # the whole budget: the checkpoint carries the training time used (TimeBudgetHandler), and a learning rate
+        # with lr_floor < 1 anneals over the whole budget
         run_bundle("train", "train", root, resume=ckpt is not None, time_budget_minutes=minutes, **settings,
                    **train_extra, lr_floor=lr_floor)
         elapsed += (time.monotonic() - start) / 60.0

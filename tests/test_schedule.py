@@ -104,3 +104,15 @@ def test_without_minutes_the_clock_runs_and_the_share_stays_zero():
     engine = _run_budget(handler, epochs=3, step_s=0.01)
     assert engine.state.epoch == 3 and engine.shares == [0.0, 0.0, 0.0]
     assert handler.state_dict()["elapsed_s"] > 0
+
+
+def test_a_floor_above_the_start_rate_is_refused_and_equal_is_constant():
+    """eta_min above the learning rate (the bundle's lr_floor > 1) would make the rate rise; equal keeps it constant."""
+    with pytest.raises(ValueError, match="lr_floor <= 1"):
+        ProgressCosineLR(_optimizer(), total_iterations=10, eta_min=2e-3)
+    opt = _optimizer()
+    sched = ProgressCosineLR(opt, total_iterations=10, eta_min=1e-3)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-12)

@@ -52,7 +52,7 @@ class ProgressCosineLR(LRScheduler):
         last_epoch: the index of the last step (``-1``: a fresh start), as for torch's schedulers.
 
     Raises:
-        ValueError: ``total_iterations < 1`` or ``eta_min < 0``.
+        ValueError: ``total_iterations < 1``, ``eta_min < 0``, or ``eta_min`` above a group's learning rate.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_iterations: int, eta_min: float = 0.0,
@@ -64,6 +64,10 @@ class ProgressCosineLR(LRScheduler):
         self.total_iterations = int(total_iterations)
         self.eta_min = float(eta_min)
         self.budget = budget  # set before the base class's first step, which calls get_lr
+        above = [g["lr"] for g in optimizer.param_groups if self.eta_min > g.get("initial_lr", g["lr"])]
+        if above:  # e.g. the bundle's lr_floor above 1: the "annealed" rate would rise
+            raise ValueError(f"eta_min ({self.eta_min:g}) is above the learning rate of {len(above)} parameter "
+                             f"group(s) ({above[0]:g}); the rate would rise instead of anneal (lr_floor <= 1).")
         super().__init__(optimizer, last_epoch)
 
     def progress(self) -> float:
