@@ -64,7 +64,8 @@ class ProgressCosineLR(LRScheduler):
         self.total_iterations = int(total_iterations)
         self.eta_min = float(eta_min)
         self.budget = budget  # set before the base class's first step, which calls get_lr
-        above = [g["lr"] for g in optimizer.param_groups if self.eta_min > g.get("initial_lr", g["lr"])]
+        starts = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]  # a resumed run's start is initial_lr
+        above = [lr for lr in starts if self.eta_min > lr]
         if above:  # e.g. the bundle's lr_floor above 1: the "annealed" rate would rise
             raise ValueError(f"eta_min ({self.eta_min:g}) is above the learning rate of {len(above)} parameter "
                              f"group(s) ({above[0]:g}); the rate would rise instead of anneal (lr_floor <= 1).")
