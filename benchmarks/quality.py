@@ -626,8 +626,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Kvasir-SEG folder (images/*.jpg, masks/*.jpg)")
     p.add_argument("--output", default="runs/quality", help="folder for all runs (resumable)")
-    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/quality_<device>_<date>.json; "
-                   "with --smoke: <output>/quality_<device>_<date>.json)")
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/quality_<device>_<date>.json, "
+                   "or _2, _3, ... if taken; with --smoke: <output>/quality_<device>_<date>.json)")
     p.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget per model")
     p.add_argument("--epochs", type=int, default=None,
                    help="train each model for this many epochs instead of --minutes (an annealed rate anneals over "
@@ -920,7 +920,10 @@ def main(argv=None) -> int:
     elif args.smoke:
         out_json = out / f"quality_{device_slug(device)}_{date}.json"
     else:
-        out_json = _ROOT / "benchmarks" / "results" / f"quality_{device_slug(device)}_{date}.json"
+        from medsegdiff_bundle.utils import unused_path
+
+        # a second run on the same day must not replace the committed results of the first
+        out_json = unused_path(_ROOT / "benchmarks" / "results" / f"quality_{device_slug(device)}_{date}.json")
     write_json(out_json, result)
 
     def fmt(x):

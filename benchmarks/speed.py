@@ -57,6 +57,7 @@ from medsegdiff_bundle.engine.fastpath import (  # noqa: E402
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
 from medsegdiff_bundle.networks import CONDITION_BACKBONES, MedSegDiffV2  # noqa: E402
 from medsegdiff_bundle.networks.blocks import GroupNorm  # noqa: E402
+from medsegdiff_bundle.utils import unused_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from op_profile import profile_ops  # noqa: E402
@@ -106,7 +107,8 @@ def default_out(device: torch.device, date: str) -> Path:
         name = slug(torch.cuda.get_device_name(device))
     else:
         name = f"cpu-{os.cpu_count()}c"
-    return _ROOT / "benchmarks" / "results" / f"speed_{name}_{date}.json"
+    # a second run on the same day must not replace the committed results of the first
+    return unused_path(_ROOT / "benchmarks" / "results" / f"speed_{name}_{date}.json")
 
 
 def sync(device: torch.device) -> None:
@@ -434,7 +436,7 @@ def pick_train_run(runs: list[dict], mem_limit_gb: float) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (default benchmarks/results/speed_<device>_<date>.json)")
+                   help="JSON output (default benchmarks/results/speed_<device>_<date>.json, or _2, _3, ... if taken)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model size (see PRESETS)")
     p.add_argument("--condition-channels", type=int, nargs="+", default=None,
                    help="condition-UNet widths, as many levels as the preset's (default: the preset's widths)")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["as_bool", "atomic_path", "atomic_open", "read_json_object", "write_json_atomic"]
+__all__ = ["as_bool", "atomic_path", "atomic_open", "read_json_object", "unused_path", "write_json_atomic"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", "none", "null", ""}
@@ -63,6 +63,21 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return Path(path)
+
+
+def unused_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing is there yet, else the first free ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...
+
+    For outputs named by default (e.g. a benchmark's ``<name>_<device>_<date>.json``), so that a second run on the
+    same day keeps the first one's results instead of replacing them.
+    """
+    p = Path(path)
+    n = 2
+    candidate = p
+    while candidate.exists():
+        candidate = p.with_name(f"{p.stem}_{n}{p.suffix}")
+        n += 1
+    return candidate
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:

@@ -132,6 +132,27 @@ def test_speed_benchmark_keeps_the_finished_phases_of_a_run_cut_short(tmp_path, 
     assert "speedup" not in partial and "reference_latency_s" not in partial
 
 
+def test_default_result_files_of_a_second_run_on_the_same_day_keep_the_first(tmp_path, monkeypatch):
+    """A benchmark run without ``--out`` names its file by device and date; an existing file is never replaced."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+    import torch
+
+    from medsegdiff_bundle.utils import unused_path
+
+    monkeypatch.setattr(speed, "_ROOT", tmp_path)
+    first = speed.default_out(torch.device("cpu"), "2026-01-02")
+    assert first.parent == tmp_path / "benchmarks" / "results" and first.name.endswith("_2026-01-02.json")
+    first.parent.mkdir(parents=True)
+    first.write_text("{}")
+    second = speed.default_out(torch.device("cpu"), "2026-01-02")
+    assert second.name == first.name.replace(".json", "_2.json")
+    second.write_text("{}")
+    assert speed.default_out(torch.device("cpu"), "2026-01-02").name == first.name.replace(".json", "_3.json")
+    assert unused_path(tmp_path / "none.nii.gz") == tmp_path / "none.nii.gz"
+    assert first.read_text() == "{}"  # untouched
+
+
 def test_speed_benchmark_reports_the_least_memory_when_no_batch_fits():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from speed import pick_train_run
