@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             except argparse.ArgumentTypeError as err:
                 p.error(f"--medsegdiff {spec[0]}: {err}")
     for spec in args.dynunet:
-        if not (spec[1].isdigit() and spec[2].isdigit()):
+        if not (spec[1].isdigit() and spec[2].isdigit() and min(int(spec[1]), int(spec[2])) > 0):
             p.error(f"--dynunet {spec[0]}: BASE and MAX must be positive integers, got {spec[1:]}")
     names = [s[0] for s in args.medsegdiff + args.dynunet]
     if not names:
@@ -174,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((args.batch, 3, args.size, args.size), generator=gen).to(device)
     label = (torch.rand((args.batch, 1, args.size, args.size), generator=gen) > 0.7).long().to(device)
-    built = {spec[0]: medsegdiff_step(spec, image, label, amp) for spec in args.medsegdiff}
-    built.update({spec[0]: dynunet_step(spec, image, label, amp) for spec in args.dynunet})
+    built = {}
+    for spec, make in [(s, medsegdiff_step) for s in args.medsegdiff] + [(s, dynunet_step) for s in args.dynunet]:
+        try:
+            built[spec[0]] = make(spec, image, label, amp)
+        except ValueError as err:  # e.g. widths the network cannot take: name the configuration
+            raise SystemExit(f"error: configuration {spec[0]!r} ({' '.join(spec[1:])}): {err}") from err
     order = [s[0] for s in args.medsegdiff + args.dynunet]
     steps = {name: built[name][0] for name in order}
 

@@ -316,6 +316,10 @@ def test_step_cost_times_every_configuration_in_every_round(tmp_path):
     same = subprocess.run(cmd[:2] + ["--medsegdiff", "x", "8,16", "--dynunet", "x", "8", "16"], cwd=ROOT,
                           capture_output=True, text=True)
     assert same.returncode != 0 and "names must differ" in same.stderr
+    one_level = subprocess.run(cmd[:2] + ["--medsegdiff", "flat", "8", "--size", "32"], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert one_level.returncode != 0 and "configuration 'flat' (8):" in one_level.stderr
+    assert "Traceback" not in one_level.stderr
 
 
 def _weights_script():
