@@ -231,6 +231,32 @@ def memory_format(args) -> torch.memory_format:
     return torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
 
 
+def training_step(
+    network: MedSegDiffV2, image: torch.Tensor, label: torch.Tensor, amp: bool, seed: int = 0,
+    num_train_timesteps: int = 1000, model=None,
+) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+    """The bundle's training step on one fixed batch, ``image (B, C, *S)`` and a checked ``label (B, 1, *S)``:
+    ``diffusion_forward`` (DDPM timesteps, ``MedSegDiffLoss``) under bf16 autocast with ``amp``, backward, AdamW.
+    ``model`` (default ``network``) is what the forward calls, e.g. a compiled view. Returns ``step() -> loss`` and
+    the optimizer (``step`` holds it too)."""
+    scheduler = make_scheduler("ddpm", num_train_timesteps)
+    loss_fn = MedSegDiffLoss(network.num_classes)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    generator = torch.Generator(device=image.device).manual_seed(seed)
+    model = network if model is None else model
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=generator,
+                                     check_label=False)["loss"]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, optimizer
+
+
 # ------------------------------------------------------------------------------------------------------ phases
 def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -> dict:
     """Full training step at ``batch``: diffusion_forward + backward + AdamW step, timed after warm-up. With
@@ -240,26 +266,14 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     checks each batch on the host: a check on the GPU would make every step wait for the previous one."""
     fmt = memory_format(args)
     network.to(memory_format=fmt).train()
-    scheduler = make_scheduler("ddpm", args.reference_steps)
-    loss_fn = MedSegDiffLoss(network.num_classes)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     image, label = make_batch(args, network, batch, device, gen)
     image = image.contiguous(memory_format=fmt)
-    step_gen = torch.Generator(device=device).manual_seed(args.seed)
     validate_label(label, network.num_classes)
     # the training iteration's compiled call (no CUDA graphs in training)
     view = compile_training_calls(args.compile_backend, args.compile_mode) if args.compile else None
-    model = network if view is None else view(network)
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=step_gen,
-                                     check_label=False)["loss"]
-        loss.backward()
-        optimizer.step()
-        return loss
+    step, optimizer = training_step(network, image, label, args.amp, args.seed, args.reference_steps,
+                                    model=None if view is None else view(network))
 
     with MemoryMeter(device) as mem:
         warm_start = time.perf_counter()

@@ -9,8 +9,9 @@ other round), each round ``--steps`` full training steps of every configuration,
 Configurations (any number; the MedSegDiff-V2 ones first, then the DynUNet ones, each in the order given; the first
 is the reference of the ``relative`` column):
 
-* ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS]``: MedSegDiff-V2 as the bundle trains it (``diffusion_forward``
-  with ``MedSegDiffLoss``, AdamW; channels-last on CPU), widths as comma lists, e.g. ``16,32,64,128``.
+* ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS]``: MedSegDiff-V2 as the bundle trains it (``speed.py``'s
+  ``training_step``: ``diffusion_forward`` with ``MedSegDiffLoss``, AdamW; channels-last on CPU), widths as comma
+  lists, e.g. ``16,32,64,128``.
 * ``--dynunet NAME BASE MAX``: ``benchmarks/quality.py``'s DynUNet baseline (nnU-Net-like topology for ``--size``,
   filters ``BASE`` doubling up to ``MAX``; DiceCE, AdamW, the default layout, as ``quality.py`` trains it).
 
@@ -48,8 +49,8 @@ def widths(text: str) -> tuple[int, ...]:
 def medsegdiff_step(spec: list[str], image, label, amp: bool) -> tuple[Callable[[], None], int]:
     """A full MedSegDiff-V2 training step for ``[name, channels, condition_channels?]``, and its parameter count."""
     import torch
+    from speed import training_step
 
-    from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_scheduler
     from medsegdiff_bundle.engine import to_channels_last
     from medsegdiff_bundle.networks import MedSegDiffV2
 
@@ -61,18 +62,7 @@ def medsegdiff_step(spec: list[str], image, label, amp: bool) -> tuple[Callable[
     net = to_channels_last(net, cpu).to(image.device).train()  # the bundle's layout: channels-last on CPU
     if cpu:
         image = image.contiguous(memory_format=torch.channels_last)
-    scheduler, loss_fn = make_scheduler("ddpm", 1000), MedSegDiffLoss(2)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    generator = torch.Generator(device=image.device).manual_seed(0)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion_forward(net, scheduler, loss_fn, image, label, generator=generator,
-                                     check_label=False)["loss"]
-        loss.backward()
-        optimizer.step()
-
+    step, _ = training_step(net, image, label, amp)  # the one speed.py times
     return step, sum(p.numel() for p in net.parameters())
 
 
