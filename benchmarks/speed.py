@@ -52,6 +52,7 @@ from medsegdiff_bundle.diffusion import MedSegDiffLoss, diffusion_forward, make_
 from medsegdiff_bundle.engine.fastpath import (  # noqa: E402
     COMPILE_MODES,
     compile_training_calls,
+    to_channels_last,
     without_cudagraphs,
 )
 from medsegdiff_bundle.engine.inferer import DiffusionSegInferer  # noqa: E402
@@ -231,6 +232,16 @@ def memory_format(args) -> torch.memory_format:
     return torch.channels_last if args.spatial_dims == 2 else torch.channels_last_3d
 
 
+def set_layout(args, network: MedSegDiffV2) -> torch.memory_format:
+    """Lay ``network`` out as the bundle does (``to_channels_last`` with ``--channels-last``, which keeps the plain
+    condition UNet contiguous; else all contiguous) and return the layout its inputs take."""
+    if args.channels_last:
+        to_channels_last(network, spatial_dims=args.spatial_dims)
+    else:
+        network.to(memory_format=torch.contiguous_format)
+    return memory_format(args)
+
+
 def training_step(
     network: MedSegDiffV2, image: torch.Tensor, label: torch.Tensor, amp: bool, seed: int = 0,
     num_train_timesteps: int = 1000, model=None,
@@ -264,8 +275,8 @@ def bench_train(args, network: MedSegDiffV2, device: torch.device, batch: int) -
     (``compile_training_calls``, ``--compile-mode`` / ``--compile-backend`` without CUDA graphs, as the iteration);
     the warm-up iterations include compiling. The label is checked once, before the loop, as the bundle's iteration
     checks each batch on the host: a check on the GPU would make every step wait for the previous one."""
-    fmt = memory_format(args)
-    network.to(memory_format=fmt).train()
+    fmt = set_layout(args, network)
+    network.train()
     gen = torch.Generator().manual_seed(args.seed)
     image, label = make_batch(args, network, batch, device, gen)
     image = image.contiguous(memory_format=fmt)
@@ -317,8 +328,8 @@ def mirror_axes(args) -> list[int]:
 def bench_fast(args, network: MedSegDiffV2, device: torch.device) -> tuple[dict, Callable[[], torch.Tensor]]:
     """The package's inference path: DiffusionSegInferer(dpmpp, steps, ensemble), condition once, ensemble batch.
     Returns the timings and a function making one more call of the same (warm, compiled) inferer, for profiling."""
-    fmt = memory_format(args)
-    network.to(memory_format=fmt).eval()
+    fmt = set_layout(args, network)
+    network.eval()
     # channels_last and compile are the inferer's own switches, as in the bundle (the network and image are
     # converted above, so channels_last only hands the output back in the default layout). The warm-up calls are
     # full calls of the same inferer: kernels, compilation and CUDA-graph recording are then behind us
@@ -601,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
     phases["reference"] = bench_reference(args, network, device)
     checkpoint("reference mode")
     if args.profile > 0:  # last: after the timed calls (its overhead stays out of them) and after the reference
-        network.to(memory_format=memory_format(args))
+        set_layout(args, network)
         with torch.no_grad():
             phases["fast"]["profile"] = profile_ops(one_more_call, device, args.profile)
     result["complete"] = True

@@ -12,6 +12,7 @@ is the reference of the ``relative`` column):
 * ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS]``: MedSegDiff-V2 as the bundle trains it (``speed.py``'s
   ``training_step``: ``diffusion_forward`` with ``MedSegDiffLoss``, AdamW; channels-last on CPU), widths as comma
   lists, e.g. ``16,32,64,128``.
+  ``--layouts`` times each in several layouts (see ``LAYOUTS``), e.g. ``--layouts bundle channels-last``.
 * ``--dynunet NAME BASE MAX``: ``benchmarks/quality.py``'s DynUNet baseline (nnU-Net-like topology for ``--size``,
   filters ``BASE`` doubling up to ``MAX``; DiceCE, AdamW, the default layout, as ``quality.py`` trains it).
 
@@ -30,6 +31,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from cpu_result import cpu_result, write_result  # also puts the repository root on sys.path
@@ -46,8 +48,15 @@ def widths(text: str) -> tuple[int, ...]:
     return values
 
 
-def medsegdiff_step(spec: list[str], image, label, amp: bool) -> tuple[Callable[[], None], int]:
-    """A full MedSegDiff-V2 training step for ``[name, channels, condition_channels?]``, and its parameter count."""
+#: how ``--layouts`` lays a MedSegDiff-V2 network out: the bundle's way (``to_channels_last`` on CPU, which keeps the
+#: plain condition UNet contiguous; nothing on CUDA), every 4-D weight channels-last (``Module.to``; the CPU layout up
+#: to bundle 0.8.0), or all contiguous
+LAYOUTS = ("bundle", "channels-last", "contiguous")
+
+
+def medsegdiff_step(spec: list[str], image, label, amp: bool, layout: str = "bundle") -> tuple[Callable[[], None], int]:
+    """A full MedSegDiff-V2 training step for ``[name, channels, condition_channels?]`` in ``layout`` (one of
+    :data:`LAYOUTS`), and its parameter count."""
     import torch
     from speed import training_step
 
@@ -57,10 +66,12 @@ def medsegdiff_step(spec: list[str], image, label, amp: bool) -> tuple[Callable[
     channels = widths(spec[1])
     condition = widths(spec[2]) if len(spec) > 2 else None
     net = MedSegDiffV2(spatial_dims=2, in_channels=image.shape[1], num_classes=2, channels=channels,
-                       condition_channels=condition, num_res_blocks=1)
-    cpu = image.device.type == "cpu"
-    net = to_channels_last(net, cpu).to(image.device).train()  # the bundle's layout: channels-last on CPU
-    if cpu:
+                       condition_channels=condition, num_res_blocks=1).to(image.device).train()
+    if layout == "channels-last":
+        net = net.to(memory_format=torch.channels_last)
+    elif layout == "bundle":
+        to_channels_last(net, image.device.type == "cpu")
+    if layout == "channels-last" or (layout == "bundle" and image.device.type == "cpu"):
         image = image.contiguous(memory_format=torch.channels_last)
     step, _ = training_step(net, image, label, amp)  # the one speed.py times
     return step, sum(p.numel() for p in net.parameters())
@@ -122,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a MedSegDiff-V2 configuration (repeatable)")
     p.add_argument("--dynunet", nargs=3, action="append", default=[], metavar=("NAME", "BASE", "MAX"),
                    help="a DynUNet configuration (repeatable)")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["bundle"],
+                   help="time every MedSegDiff-V2 configuration in each of these layouts (named NAME/LAYOUT when "
+                        "more than one): bundle (channels-last on CPU, the plain condition UNet contiguous), "
+                        "channels-last (every weight, the CPU layout up to bundle 0.8.0), contiguous")
     p.add_argument("--size", type=int, default=128, help="image size (square)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
@@ -164,13 +179,16 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     image = torch.randn((args.batch, 3, args.size, args.size), generator=gen).to(device)
     label = (torch.rand((args.batch, 1, args.size, args.size), generator=gen) > 0.7).long().to(device)
+    layouts = list(dict.fromkeys(args.layouts))
+    makers = [(f"{s[0]}/{layout}" if len(layouts) > 1 else s[0], s, partial(medsegdiff_step, layout=layout))
+              for s in args.medsegdiff for layout in layouts] + [(s[0], s, dynunet_step) for s in args.dynunet]
     built = {}
-    for spec, make in [(s, medsegdiff_step) for s in args.medsegdiff] + [(s, dynunet_step) for s in args.dynunet]:
+    for name, spec, make in makers:
         try:
-            built[spec[0]] = make(spec, image, label, amp)
+            built[name] = make(spec, image, label, amp)
         except ValueError as err:  # e.g. widths the network cannot take: name the configuration
             raise SystemExit(f"error: configuration {spec[0]!r} ({' '.join(spec[1:])}): {err}") from err
-    order = [s[0] for s in args.medsegdiff + args.dynunet]
+    order = [name for name, _, _ in makers]
     steps = {name: built[name][0] for name in order}
 
     def sync() -> None:

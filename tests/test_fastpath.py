@@ -37,9 +37,23 @@ def test_to_channels_last_converts_kernels_in_place_and_keeps_everything_else(sp
         assert p is params[name]  # same Parameter objects: an optimiser built before still steps them
         assert torch.equal(p, values[name])
         if p.ndim == spatial_dims + 2:
-            assert p.is_contiguous(memory_format=fmt)
-    assert net.condition_unet.stem.weight.is_contiguous(memory_format=fmt)
+            # the plain condition UNet (instance norm) stays contiguous, everything else is converted
+            assert p.is_contiguous() if name.startswith("condition_unet.") else p.is_contiguous(memory_format=fmt), name
+    assert net.condition_unet.stem.weight.is_contiguous() and not net.condition_unet.stem.weight.is_contiguous(
+        memory_format=fmt)
     assert list(net.state_dict()) == list(tiny_model(spatial_dims).state_dict())
+
+
+def test_to_channels_last_converts_the_residual_condition_unet_and_a_plain_one_with_group_norm():
+    """Only instance norm keeps a network contiguous: the residual backbone (GroupNorm) and a plain UNet built with
+    another norm are converted like the rest."""
+    from medsegdiff_bundle.networks import PlainUNet
+
+    residual = to_channels_last(tiny_model(condition_backbone="residual"))
+    assert residual.condition_unet.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    grouped = to_channels_last(PlainUNet(2, 3, 2, (8, 16), norm_name=("group", {"num_groups": 4})))
+    assert not grouped.keeps_contiguous_layout
+    assert grouped.stem.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_to_channels_last_can_be_switched_off_from_a_config():

@@ -403,3 +403,42 @@ def test_group_norm_trains_channels_last_bf16_on_cpu_through_the_contiguous_kern
         sampled = norm(x)
     assert kernel_inputs == [False] and sampled.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(sampled, expected.detach())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_network_runs_its_instance_norm_condition_unet_contiguous(spatial_dims):
+    """In a channels-last network the plain condition UNet's instance norms see contiguous tensors (a channels-last
+    one would be copied in and out by every norm), the condition features come back channels-last for the denoiser,
+    and the loss and gradients are those of the all-contiguous network."""
+    from medsegdiff_bundle.engine import to_channels_last
+
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    torch.manual_seed(0)
+    plain = tiny_model(spatial_dims)
+    fast = to_channels_last(tiny_model(spatial_dims))
+    fast.load_state_dict(plain.state_dict())
+    norm_inputs: list[bool] = []
+    for module in fast.condition_unet.modules():
+        if isinstance(module, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)):
+            module.register_forward_hook(lambda m, args, out: norm_inputs.append(args[0].is_contiguous()))
+    image, label = synthetic_batch(2, 16, spatial_dims, seed=1)
+    image_cl = image.contiguous(memory_format=fmt)
+    assert image_cl.is_contiguous(memory_format=fmt) and not image_cl.is_contiguous()
+
+    cond = fast.condition(image_cl)
+    assert norm_inputs and all(norm_inputs)
+    for name in ("logits", "anchor"):
+        assert getattr(cond, name).is_contiguous(memory_format=fmt), name
+    reference = plain.condition(image)
+    torch.testing.assert_close(cond.logits, reference.logits)
+    torch.testing.assert_close(cond.semantic, reference.semantic)
+
+    losses = []
+    for net, x in ((plain, image), (fast, image_cl)):
+        gen = torch.Generator().manual_seed(5)
+        out = diffusion_forward(net, make_scheduler("ddpm", 100), MedSegDiffLoss(2), x, label, generator=gen)
+        out["loss"].backward()
+        losses.append(out["loss"])
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)

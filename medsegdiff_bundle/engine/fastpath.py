@@ -80,9 +80,12 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
 def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int | None = None) -> nn.Module:
     """Convert ``module``'s ``(spatial_dims + 2)``-D parameters and buffers to the channels-last layout, in place.
 
-    The Parameter objects are kept (their ``.data`` is replaced, like ``Module.to`` does), so an optimiser built
-    before still steps the same tensors. Returns ``module`` so that a config can write
-    ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the layout).
+    Submodules with ``keeps_contiguous_layout`` true (the plain condition UNet with instance norm, which has no
+    channels-last path in torch) and everything inside them are left contiguous; ``MedSegDiffV2`` hands them contiguous
+    inputs and converts their outputs back. The Parameter objects are kept (their ``.data`` is replaced, like
+    ``Module.to`` does), so an optimiser built before still steps the same tensors. Returns ``module`` so that a
+    config can write ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the
+    layout).
 
     Args:
         module: the network (a DDP / EMA wrapper is unwrapped to read ``spatial_dims``; its tensors are converted).
@@ -97,8 +100,13 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
         spatial_dims = int(getattr(unwrap_model(module), "spatial_dims", 2))
     fmt = channels_last_format(spatial_dims)
     rank = spatial_dims + 2
+    # parts that run contiguous anyway (the plain condition UNet: instance norm has no channels-last path)
+    kept = {id(m) for part in module.modules() if getattr(part, "keeps_contiguous_layout", False)
+            for m in part.modules()}
     with torch.no_grad():
         for sub in module.modules():
+            if id(sub) in kept:
+                continue
             for param in sub.parameters(recurse=False):
                 if param.ndim == rank:
                     param.data = param.data.contiguous(memory_format=fmt)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .anchor import SpatialAttentionGate, UncertainSpatialAttention
-from .blocks import TimestepEmbedding, conv
+from .blocks import TimestepEmbedding, channels_last_layout, conv
 from .plain_unet import PlainUNet
 from .ssformer import SSFormer
 from .unet import ResidualUNet
@@ -191,9 +191,14 @@ class MedSegDiffV2(nn.Module):
         """Run the condition UNet once: ``image (B, in_channels, *S) -> ConditionFeatures``."""
         self._check_spatial("image", image, self.in_channels)
         net = self.condition_unet
+        layout = channels_last_layout(image)
+        if layout is not None and getattr(net, "keeps_contiguous_layout", False):
+            image = image.contiguous()
         skips, h = net.encode(image)
         semantic = net.middle(h)
         logits = net.decode(semantic, skips)
+        if layout is not None:  # the denoiser's layout, for the anchor gate and the SS-Former
+            logits, semantic = logits.contiguous(memory_format=layout), semantic.contiguous(memory_format=layout)
         if self.semantic_proj is not None:
             semantic = self.semantic_proj(semantic)
         return ConditionFeatures(logits=logits, anchor=self.anchor_probabilities(logits), semantic=semantic)

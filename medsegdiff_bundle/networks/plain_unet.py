@@ -14,6 +14,10 @@ segmentation is the anchor, and at short training budgets the diffusion model's 
 It exposes the same ``encode`` / ``middle`` / ``decode`` split as :class:`~.unet.ResidualUNet`, without a time
 input: level ``i`` works at stride ``2**i`` with ``channels[i]`` features; the deepest level's block is the
 bottleneck, so ``middle`` is the identity.
+
+With instance norm (the default) it keeps the contiguous layout when the rest of the network runs channels-last
+(:attr:`PlainUNet.keeps_contiguous_layout`): torch's instance norm is batch norm over a ``(1, B*C, *S)`` view, which a
+channels-last tensor cannot give, so in that layout every norm copies its input and output, forward and backward.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class PlainUNet(nn.Module):
         channels = unet_widths(spatial_dims, channels)
         self.spatial_dims = spatial_dims
         self.channels = channels
+        #: run contiguous whatever the layout around it: ``engine.to_channels_last`` leaves these weights alone and
+        #: ``MedSegDiffV2.condition`` hands this network a contiguous image (measured in benchmarks/FINDINGS.md)
+        self.keeps_contiguous_layout = _norm_kind(norm_name) == "instance"
         dropout = dropout or None  # MONAI's blocks add a Dropout layer for any non-None value
 
         def basic(cin: int, cout: int, stride: int) -> UnetBasicBlock:
@@ -109,6 +116,12 @@ class PlainUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips, h = self.encode(x)
         return self.decode(self.middle(h), skips)
+
+
+def _norm_kind(norm_name: tuple | str) -> str:
+    """MONAI's normalisation name in lower case, e.g. ``"instance"`` for ``("instance", {"affine": True})``."""
+    name = norm_name[0] if isinstance(norm_name, tuple) else norm_name
+    return str(name).lower()
 
 
 def _he_init(module: nn.Module) -> None:
