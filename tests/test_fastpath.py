@@ -42,6 +42,10 @@ def test_to_channels_last_converts_kernels_in_place_and_keeps_everything_else(sp
     assert net.condition_unet.stem.weight.is_contiguous() and not net.condition_unet.stem.weight.is_contiguous(
         memory_format=fmt)
     assert list(net.state_dict()) == list(tiny_model(spatial_dims).state_dict())
+    # a network already converted whole (Module.to) gets the plain condition UNet back contiguous
+    again = to_channels_last(tiny_model(spatial_dims).to(memory_format=fmt))
+    assert again.condition_unet.stem.weight.is_contiguous()
+    assert not again.condition_unet.stem.weight.is_contiguous(memory_format=fmt)
 
 
 def test_to_channels_last_converts_the_residual_condition_unet_and_a_plain_one_with_group_norm():

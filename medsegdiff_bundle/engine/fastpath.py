@@ -81,8 +81,8 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
     """Convert ``module``'s ``(spatial_dims + 2)``-D parameters and buffers to the channels-last layout, in place.
 
     Submodules with ``keeps_contiguous_layout`` true (the plain condition UNet with instance norm, which has no
-    channels-last path in torch) and everything inside them are left contiguous; ``MedSegDiffV2`` hands them contiguous
-    inputs and converts their outputs back. The Parameter objects are kept (their ``.data`` is replaced, like
+    channels-last path in torch) and everything inside them are made contiguous instead (also after a
+    ``Module.to(memory_format=...)``); ``MedSegDiffV2`` hands them contiguous inputs and converts their outputs back. The Parameter objects are kept (their ``.data`` is replaced, like
     ``Module.to`` does), so an optimiser built before still steps the same tensors. Returns ``module`` so that a
     config can write ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the
     layout).
@@ -100,21 +100,20 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
         spatial_dims = int(getattr(unwrap_model(module), "spatial_dims", 2))
     fmt = channels_last_format(spatial_dims)
     rank = spatial_dims + 2
-    # parts that run contiguous anyway (the plain condition UNet: instance norm has no channels-last path)
+    # parts that run contiguous (the plain condition UNet: instance norm has no channels-last path)
     kept = {id(m) for part in module.modules() if getattr(part, "keeps_contiguous_layout", False)
             for m in part.modules()}
     with torch.no_grad():
         for sub in module.modules():
-            if id(sub) in kept:
-                continue
+            layout = torch.contiguous_format if id(sub) in kept else fmt
             for param in sub.parameters(recurse=False):
                 if param.ndim == rank:
-                    param.data = param.data.contiguous(memory_format=fmt)
+                    param.data = param.data.contiguous(memory_format=layout)
                     if param.grad is not None:
-                        param.grad = param.grad.contiguous(memory_format=fmt)
+                        param.grad = param.grad.contiguous(memory_format=layout)
             for name, buffer in list(sub.named_buffers(recurse=False)):
                 if buffer is not None and buffer.ndim == rank:
-                    setattr(sub, name, buffer.contiguous(memory_format=fmt))  # keeps the buffer's persistence
+                    setattr(sub, name, buffer.contiguous(memory_format=layout))  # keeps the buffer's persistence
     return module
 
 
