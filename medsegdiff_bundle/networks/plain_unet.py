@@ -64,7 +64,7 @@ class PlainUNet(nn.Module):
         channels = unet_widths(spatial_dims, channels)
         self.spatial_dims = spatial_dims
         self.channels = channels
-        #: run contiguous whatever the layout around it: ``engine.to_channels_last`` leaves these weights alone and
+        #: run contiguous whatever the layout around it: ``engine.to_channels_last`` keeps these weights contiguous and
         #: ``MedSegDiffV2.condition`` hands this network a contiguous image (measured in benchmarks/FINDINGS.md)
         self.keeps_contiguous_layout = _norm_kind(norm_name) == "instance"
         dropout = dropout or None  # MONAI's blocks add a Dropout layer for any non-None value
