@@ -67,11 +67,12 @@ def medsegdiff_step(spec: list[str], image, label, amp: bool, layout: str = "bun
     condition = widths(spec[2]) if len(spec) > 2 else None
     net = MedSegDiffV2(spatial_dims=2, in_channels=image.shape[1], num_classes=2, channels=channels,
                        condition_channels=condition, num_res_blocks=1).to(image.device).train()
+    channels_last = layout == "channels-last" or (layout == "bundle" and image.device.type == "cpu")
     if layout == "channels-last":
-        net = net.to(memory_format=torch.channels_last)
-    elif layout == "bundle":
-        to_channels_last(net, image.device.type == "cpu")
-    if layout == "channels-last" or (layout == "bundle" and image.device.type == "cpu"):
+        net.to(memory_format=torch.channels_last)
+    elif channels_last:
+        to_channels_last(net)
+    if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     step, _ = training_step(net, image, label, amp)  # the one speed.py times
     return step, sum(p.numel() for p in net.parameters())

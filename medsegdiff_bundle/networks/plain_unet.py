@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, UnetUpBlock
+from monai.networks.layers.factories import split_args
 from torch import nn
 
 from .blocks import unet_widths
@@ -66,7 +67,7 @@ class PlainUNet(nn.Module):
         self.channels = channels
         #: run contiguous whatever the layout around it: ``engine.to_channels_last`` keeps these weights contiguous and
         #: ``MedSegDiffV2.condition`` hands this network a contiguous image (measured in benchmarks/FINDINGS.md)
-        self.keeps_contiguous_layout = _norm_kind(norm_name) == "instance"
+        self.keeps_contiguous_layout = str(split_args(norm_name)[0]).lower() == "instance"
         dropout = dropout or None  # MONAI's blocks add a Dropout layer for any non-None value
 
         def basic(cin: int, cout: int, stride: int) -> UnetBasicBlock:
@@ -116,12 +117,6 @@ class PlainUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips, h = self.encode(x)
         return self.decode(self.middle(h), skips)
-
-
-def _norm_kind(norm_name: tuple | str) -> str:
-    """MONAI's normalisation name in lower case, e.g. ``"instance"`` for ``("instance", {"affine": True})``."""
-    name = norm_name[0] if isinstance(norm_name, tuple) else norm_name
-    return str(name).lower()
 
 
 def _he_init(module: nn.Module) -> None:
