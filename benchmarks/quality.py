@@ -23,8 +23,9 @@ training resumes from its last checkpoint with the rest of the budget):
 * the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
 
 Each ``--ablations`` variant trains with the same budget and settings as the main model, which stands in for its own
-variant (``usa+ssformer``) without retraining; with an anchor blend, every variant is also scored by its diffusion
-ensemble alone, since the switches change what conditions the denoiser.
+variant (``usa+ssformer``) without retraining; with ``--anchor-weight select`` each variant chooses its own blend on
+the validation fold, and with a blend every variant is also scored by its diffusion ensemble alone, since the switches
+change what conditions the denoiser. Each is paired by case against the main model and against DynUNet.
 
 Both models are scored with their FINAL weights after the budget (MedSegDiff: the EMA weights of the last
 checkpoint), so the validation fold never selects a model, and both with test-time mirroring along both image axes
@@ -836,6 +837,7 @@ def main(argv=None) -> int:
 
     # (b) DynUNet baseline
     topology = dynunet_topology(args.size, args.baseline_filters[1], args.baseline_filters[0])
+    base = None
     if not args.skip_baseline:
         def cases(ids):
             return [{"image": str(data / "images" / f"{c}.jpg"), "label": str(data / "masks" / f"{c}.jpg")} for c in ids]
@@ -881,6 +883,36 @@ def main(argv=None) -> int:
     if args.trajectory > 0:
         result["trajectory"] = sampler_trajectory(msd_root, data, test_ids, args, main_variant, device)
 
+    def score_variant(root: Path, settings: dict, minutes: float | None) -> dict:
+        """An ablation variant's test scores, with its own blend: with ``--anchor-weight select`` each variant chooses
+        it on the validation fold as the main model does (the switches change how much the denoiser adds to the
+        anchor), paired by case against the main model and, when this run scored it, against DynUNet."""
+        weight = result["anchor_weight"]
+        entry = {**settings}
+        if args.anchor_weight == "select" and root != msd_root:
+            entry["anchor_weight_selection"] = select_anchor_weight(root, data, val_ids, args, settings, device)
+            weight = entry["anchor_weight_selection"]["anchor_weight"]
+        tag = f"_anchor{weight:g}" if weight > 0 else ""
+        res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, {**eval_extra, "anchor_weight": weight},
+                                  f"evaluation{sampling_tag}{tag}")
+        anchor = evaluate_anchor(root, test_dl, {**common, **settings}, args.mirror)
+        entry.update({**scores(res), "anchor_weight": weight, "train_minutes": minutes,
+                      "iterations": training_progress(root)[0],
+                      "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
+                      "anchor_only": scores(anchor)})
+        compared = {"medsegdiff": res, "anchor_only": anchor}  # the keys of the main model's dice_minus_baseline
+        if weight > 0:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
+            alone = evaluate_medsegdiff(root, test_dl, {**common, **settings}, {**eval_extra, "anchor_weight": 0.0},
+                                        f"evaluation{sampling_tag}")
+            main_alone = msd_alone if blended else msd
+            entry["ensemble_only"] = {**scores(alone), "dice_minus_main_model": paired_difference(
+                Path(main_alone["metrics_csv"]), Path(alone["metrics_csv"]))}
+            compared["ensemble_only"] = alone
+        if base is not None:
+            entry["dice_minus_baseline"] = {k: paired_difference(Path(base["metrics_csv"]), Path(r["metrics_csv"]))
+                                            for k, r in compared.items()}
+        return entry
+
     # ablations: same budget (wall clock, or the main model's epochs), same data, only anchor / semantic differ
     variants = [v.strip() for v in args.ablations.split(",") if v.strip()]
     if variants:
@@ -901,17 +933,7 @@ def main(argv=None) -> int:
             else:
                 minutes = train_medsegdiff(root, training_budget(args), {**common, **settings}, train_extra,
                                            args.lr_floor)
-            res = evaluate_medsegdiff(root, test_dl, {**common, **settings}, eval_extra,
-                                      f"evaluation{sampling_tag}{blended}")
-            entry = result[key][v] = {
-                **settings, **scores(res), "train_minutes": minutes, "iterations": training_progress(root)[0],
-                "dice_minus_main_model": paired_difference(Path(msd["metrics_csv"]), Path(res["metrics_csv"])),
-                "anchor_only": scores(evaluate_anchor(root, test_dl, {**common, **settings}, args.mirror))}
-            if blended:  # the denoiser's share: the variants differ in what conditions it, so score it alone too
-                alone = evaluate_medsegdiff(root, test_dl, {**common, **settings},
-                                            {**eval_extra, "anchor_weight": 0.0}, f"evaluation{sampling_tag}")
-                entry["ensemble_only"] = {**scores(alone), "dice_minus_main_model": paired_difference(
-                    Path(msd_alone["metrics_csv"]), Path(alone["metrics_csv"]))}
+            result[key][v] = score_variant(root, settings, minutes)
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
     date = result["date"]
@@ -975,11 +997,16 @@ def main(argv=None) -> int:
     ablations = {f"ablation {v}": r for v, r in result.get("ablations", {}).items()}
     ablations.update({f"ablation {v}, equal epochs": r for v, r in result.get("ablations_equal_epochs", {}).items()})
     for v, r in ablations.items():
-        print(f"{v:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
+        name = f"{v}{f', anchor {w:g}' if (w := r.get('anchor_weight', 0)) else ''}"
+        print(f"{name:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}"
               f"{r['train_minutes']:>11.2f}")
         if "ensemble_only" in r:
             row("  the ensemble alone", r["ensemble_only"])
         row("  the anchor alone", r["anchor_only"])
+        if "dice_minus_baseline" in r:
+            gap = r["dice_minus_baseline"]["medsegdiff"]
+            print(f"  - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., higher on "
+                  f"{gap['cases_higher']} and lower on {gap['cases_lower']} of {gap['cases']}")
     print(f"results: {out_json}")
     return 0
 

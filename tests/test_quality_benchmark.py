@@ -222,6 +222,27 @@ def test_quality_benchmark_smoke(tmp_path):
     assert anchor_stamp["anchor_weight"] == 1.0 and anchor_stamp["ensemble"] == 4
     assert anchor_stamp["mirror_axes"] == [0, 1] and anchor_stamp["steps"] == 1
 
+    # with --anchor-weight select each variant chooses its own blend on the validation fold, as the main model does,
+    # and a run that scores DynUNet pairs every variant against it too (nothing retrains)
+    proc6b = run_script("--sampler", "ddim", "--anchor-weight", "select", "--ablations", "none")
+    assert proc6b.returncode == 0, proc6b.stdout[-4000:] + proc6b.stderr[-4000:]
+    assert "Epoch:" not in proc6b.stdout + proc6b.stderr and "dynunet epoch" not in proc6b.stdout
+    res6b = json.loads(results[0].read_text(encoding="utf-8"))
+    none_sel = res6b["ablations"]["none"]
+    own = pd.read_csv(tmp_path / "ablation_none" / "eval" / "anchor_weight_sweep_mirror.csv")
+    weight = own.loc[own["dice"] == own["dice"].max(), "anchor_weight"].min()
+    assert none_sel["anchor_weight"] == none_sel["anchor_weight_selection"]["anchor_weight"] == weight
+    tag = f"_anchor{weight:g}" if weight > 0 else ""
+    stamp = json.loads((tmp_path / "ablation_none" / "eval" / f"evaluation_mirror{tag}" / "sampling.json").read_text())
+    assert stamp["anchor_weight"] == weight
+    assert ("ensemble_only" in none_sel) == (weight > 0)
+    for key, dice in (("medsegdiff", none_sel["dice"]), ("anchor_only", none_sel["anchor_only"]["dice"])):
+        gap = none_sel["dice_minus_baseline"][key]
+        assert gap["cases"] == 4 and gap["mean"] == pytest.approx(dice - res6b["dice_baseline"], abs=1e-9), key
+    # and against the main model as reported, with the blend it chose for itself
+    assert none_sel["dice_minus_main_model"]["mean"] == pytest.approx(
+        none_sel["dice"] - res6b["dice_medsegdiff"], abs=1e-9)
+
     # ablations at the main model's epoch count instead of its wall clock: exactly as many iterations
     proc7 = run_script("--sampler", "ddim", "--skip-baseline", "--ablations", "none", "--ablation-budget", "epochs")
     assert proc7.returncode == 0, proc7.stdout[-4000:] + proc7.stderr[-4000:]
