@@ -9,9 +9,10 @@ other round), each round ``--steps`` full training steps of every configuration,
 Configurations (any number; the MedSegDiff-V2 ones first, then the DynUNet ones, each in the order given; the first
 is the reference of the ``relative`` column):
 
-* ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS]``: MedSegDiff-V2 as the bundle trains it (``speed.py``'s
-  ``training_step``: ``diffusion_forward`` with ``MedSegDiffLoss``, AdamW; channels-last on CPU), widths as comma
-  lists, e.g. ``16,32,64,128``.
+* ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS] [anchor=MODE] [semantic=MODE]``: MedSegDiff-V2 as the bundle
+  trains it (``speed.py``'s ``training_step``: ``diffusion_forward`` with ``MedSegDiffLoss``, AdamW; channels-last on
+  CPU), widths as comma lists, e.g. ``16,32,64,128``; ``anchor=`` / ``semantic=`` set the ablation switches of
+  ``MedSegDiffV2`` (e.g. ``semantic=none`` for U-SA without the SS-Former).
   ``--layouts`` times each in several layouts (see ``LAYOUTS``), e.g. ``--layouts bundle channels-last``.
 * ``--dynunet NAME BASE MAX``: ``benchmarks/quality.py``'s DynUNet baseline (nnU-Net-like topology for ``--size``,
   filters ``BASE`` doubling up to ``MAX``; DiceCE, AdamW, the default layout, as ``quality.py`` trains it).
@@ -54,19 +55,35 @@ def widths(text: str) -> tuple[int, ...]:
 LAYOUTS = ("bundle", "channels-last", "contiguous")
 
 
+#: the ``MedSegDiffV2`` switches a ``--medsegdiff`` configuration may set as ``KEY=VALUE``
+SWITCHES = ("anchor", "semantic")
+
+
+def medsegdiff_spec(spec: list[str]) -> tuple[tuple[int, ...], tuple[int, ...] | None, dict[str, str]]:
+    """``[name, channels, condition_channels?, KEY=VALUE...]`` -> widths, condition widths (``None``: the same) and
+    the switches (see :data:`SWITCHES`), with an ``argparse.ArgumentTypeError`` that names what is wrong."""
+    sizes = [t for t in spec[1:] if "=" not in t]
+    switches = dict(t.split("=", 1) for t in spec[1:] if "=" in t)
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"takes NAME CHANNELS [CONDITION_CHANNELS] [KEY=VALUE ...], got {spec}")
+    unknown = sorted(set(switches) - set(SWITCHES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown switch(es) {unknown}; known: {list(SWITCHES)}")
+    return widths(sizes[0]), widths(sizes[1]) if len(sizes) > 1 else None, switches
+
+
 def medsegdiff_step(spec: list[str], image, label, amp: bool, layout: str = "bundle") -> tuple[Callable[[], None], int]:
-    """A full MedSegDiff-V2 training step for ``[name, channels, condition_channels?]`` in ``layout`` (one of
-    :data:`LAYOUTS`), and its parameter count."""
+    """A full MedSegDiff-V2 training step for ``[name, channels, condition_channels?, KEY=VALUE...]`` (see
+    :func:`medsegdiff_spec`) in ``layout`` (one of :data:`LAYOUTS`), and its parameter count."""
     import torch
     from speed import training_step
 
     from medsegdiff_bundle.engine import to_channels_last
     from medsegdiff_bundle.networks import MedSegDiffV2
 
-    channels = widths(spec[1])
-    condition = widths(spec[2]) if len(spec) > 2 else None
+    channels, condition, switches = medsegdiff_spec(spec)
     net = MedSegDiffV2(spatial_dims=2, in_channels=image.shape[1], num_classes=2, channels=channels,
-                       condition_channels=condition, num_res_blocks=1).to(image.device).train()
+                       condition_channels=condition, num_res_blocks=1, **switches).to(image.device).train()
     channels_last = layout == "channels-last" or (layout == "bundle" and image.device.type == "cpu")
     if layout == "channels-last":
         net.to(memory_format=torch.channels_last)
@@ -130,7 +147,8 @@ def print_table(runs: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--medsegdiff", nargs="+", action="append", default=[], metavar="NAME CHANNELS [CONDITION]",
+    p.add_argument("--medsegdiff", nargs="+", action="append", default=[],
+                   metavar="NAME CHANNELS [CONDITION] [KEY=VALUE]",
                    help="a MedSegDiff-V2 configuration (repeatable)")
     p.add_argument("--dynunet", nargs=3, action="append", default=[], metavar=("NAME", "BASE", "MAX"),
                    help="a DynUNet configuration (repeatable)")
@@ -149,13 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: print only)")
     args = p.parse_args(argv)
     for spec in args.medsegdiff:
-        if len(spec) not in (2, 3):
-            p.error(f"--medsegdiff takes NAME CHANNELS [CONDITION_CHANNELS], got {spec}")
-        for text in spec[1:]:
-            try:
-                widths(text)
-            except argparse.ArgumentTypeError as err:
-                p.error(f"--medsegdiff {spec[0]}: {err}")
+        try:
+            medsegdiff_spec(spec)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"--medsegdiff {spec[0]}: {err}")
     for spec in args.dynunet:
         if not (spec[1].isdigit() and spec[2].isdigit() and min(int(spec[1]), int(spec[2])) > 0):
             p.error(f"--dynunet {spec[0]}: BASE and MAX must be positive integers, got {spec[1:]}")

@@ -298,7 +298,8 @@ def test_condition_probe_trains_every_backbone_alike(tmp_path):
 def test_step_cost_times_every_configuration_in_every_round(tmp_path):
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--medsegdiff", "narrow", "8,16",
-           "--dynunet", "dynunet", "8", "16", "--medsegdiff", "wide-condition", "8,16", "16,32", "--size", "32",
+           "--dynunet", "dynunet", "8", "16", "--medsegdiff", "wide-condition", "8,16", "16,32",
+           "--medsegdiff", "no-ssformer", "8,16", "semantic=none", "--size", "32",
            "--batch", "2", "--rounds", "3", "--steps", "1", "--warmup", "1", "--out", str(out)]
     layouts = ["--layouts", "bundle", "channels-last"]
     proc = subprocess.run(cmd + layouts, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace",
@@ -307,13 +308,22 @@ def test_step_cost_times_every_configuration_in_every_round(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     # MedSegDiff-V2 entries first, in the order given, each in every layout; then DynUNet; the first is the reference
     assert [r["name"] for r in runs] == ["narrow/bundle", "narrow/channels-last", "wide-condition/bundle",
-                                         "wide-condition/channels-last", "dynunet"]
+                                         "wide-condition/channels-last", "no-ssformer/bundle",
+                                         "no-ssformer/channels-last", "dynunet"]
     assert runs[0]["relative"] == 1.0
     for run in runs:
         assert len(run["s_per_step_rounds"]) == 3 and all(_positive_finite(t) for t in run["s_per_step_rounds"])
         assert math.isclose(run["relative"], run["s_per_step_median"] / runs[0]["s_per_step_median"])
     # a layout is the same network; the wider condition UNet is a larger one at the same denoiser widths
     assert runs[1]["parameters_m"] == runs[0]["parameters_m"] < runs[2]["parameters_m"]
+    # the ablation switch reached the network: the same widths without the SS-Former are fewer parameters
+    assert runs[4]["parameters_m"] < runs[0]["parameters_m"]
+    switch = subprocess.run(cmd[:2] + ["--medsegdiff", "x", "8,16", "ssformer=off"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert switch.returncode != 0 and "--medsegdiff x: unknown switch(es) ['ssformer']" in switch.stderr
+    mode = subprocess.run(cmd[:2] + ["--medsegdiff", "x", "8,16", "semantic=fft", "--size", "32"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert mode.returncode != 0 and "configuration 'x'" in mode.stderr and "semantic must be one of" in mode.stderr
     bad = subprocess.run(cmd[:2] + ["--medsegdiff", "x", "8,y"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "--medsegdiff x: widths must be comma-separated integers, got '8,y'" in bad.stderr
     same = subprocess.run(cmd[:2] + ["--medsegdiff", "x", "8,16", "--dynunet", "x", "8", "16"], cwd=ROOT,
