@@ -1005,8 +1005,8 @@ def main(argv=None) -> int:
         row("  the anchor alone", r["anchor_only"])
         if "dice_minus_baseline" in r:
             gap = r["dice_minus_baseline"]["medsegdiff"]
-            print(f"  - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., higher on "
-                  f"{gap['cases_higher']} and lower on {gap['cases_lower']} of {gap['cases']}")
+            print(f"  the variant - DynUNet per case: Dice {gap['mean']:+.4f} ± {gap['standard_error']:.4f} s.e., "
+                  f"higher on {gap['cases_higher']} and lower on {gap['cases_lower']} of {gap['cases']}")
     print(f"results: {out_json}")
     return 0
 
