@@ -82,10 +82,10 @@ def to_channels_last(module: nn.Module, enabled: Any = True, spatial_dims: int |
 
     Submodules with ``keeps_contiguous_layout`` true (the plain condition UNet with instance norm, which has no
     channels-last path in torch) and everything inside them are made contiguous instead (also after a
-    ``Module.to(memory_format=...)``); ``MedSegDiffV2`` hands them contiguous inputs and converts their outputs back. The Parameter objects are kept (their ``.data`` is replaced, like
-    ``Module.to`` does), so an optimiser built before still steps the same tensors. Returns ``module`` so that a
-    config can write ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the
-    layout).
+    ``Module.to(memory_format=...)``); ``MedSegDiffV2`` hands them contiguous inputs and converts their outputs
+    back. The Parameter objects are kept (their ``.data`` is replaced, like ``Module.to`` does), so an optimiser
+    built before still steps the same tensors. Returns ``module`` so that a config can write
+    ``to_channels_last(@network_def, @channels_last).to(@device)`` (``.to(device)`` keeps the layout).
 
     Args:
         module: the network (a DDP / EMA wrapper is unwrapped to read ``spatial_dims``; its tensors are converted).
