@@ -277,6 +277,37 @@ def test_data_cache_benchmark_measures_every_cache(tmp_path):
     assert bad.returncode != 0 and "unknown ['ram']" in bad.stderr
 
 
+def test_resolution_ceiling_scores_the_ground_truth_through_the_resize_and_its_inversion(tmp_path):
+    """A 64x64 mask predicted at 8x8: a square on the 8-pixel grid survives exactly, a one-pixel line (an eighth of
+    each block it crosses) does not survive at all; at the image's own size nothing is lost."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    square, line = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    square[16:48, 8:40] = 255
+    line[29, 4:60] = 255
+    for name, mask in (("line", line), ("square", square)):
+        Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(data / "images" / f"{name}.png")
+        Image.fromarray(mask).save(data / "masks" / f"{name}.png")
+    out = tmp_path / "ceiling.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "resolution_ceiling.py"), "--data", str(data), "--all-cases",
+           "--sizes", "8", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    coarse, full = result["by_size"]["8"], result["by_size"]["64"]
+    assert coarse["cases"] == full["cases"] == 2
+    assert coarse["lowest"] == {"line": 0.0, "square": 1.0} and coarse["dice_mean"] == 0.5
+    assert full["dice_mean"] == 1.0 and full["dice_min"] == 1.0
+    # a split case without its files is named, not skipped
+    (data / "masks" / "line.png").unlink()
+    bad = subprocess.run(cmd[:2] + ["--data", str(data)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "no image with a mask for 124 split case(s)" in bad.stderr
+
+
 def test_condition_probe_trains_every_backbone_alike(tmp_path):
     out = tmp_path / "probe.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "condition_probe.py"), "--synthetic", "--iterations", "3",
