@@ -158,7 +158,9 @@ def scores(summary: dict, *extra: str) -> dict:
 
 
 def summarize(metrics_csv: Path) -> dict:
-    """Mean over cases of Dice / IoU, mean HD95 over the cases where it is defined (both masks non-empty)."""
+    """Mean over cases of Dice / IoU, mean HD95 over the cases where it is defined (both masks non-empty), and each
+    case's Dice (``dice_per_case``, case id -> Dice, 5 decimals): kept in the result file so that runs of different
+    sessions, whose per-case tables stay on their machines, can still be paired by case."""
     import pandas as pd
 
     table = pd.read_csv(metrics_csv)
@@ -170,6 +172,7 @@ def summarize(metrics_csv: Path) -> dict:
         "hd95_undefined_cases": int(per_case["hd95"].isna().sum()),
         "cases": int(len(per_case)),
         "metrics_csv": str(metrics_csv),
+        "dice_per_case": {str(case): round(float(d), 5) for case, d in per_case["dice"].items()},
     }
 
 
@@ -573,7 +576,8 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
                      "elapsed_min": elapsed}, ckpt_path)
         print(f"dynunet epoch {epoch}: loss {float(loss.detach()):.4f}, {elapsed:.2f} min", flush=True)
     atomic_save(net.state_dict(), final)
-    write_json(root / "train_state.json", {"elapsed_min": elapsed, "epochs": epoch, "done": True})
+    write_json(root / "train_state.json", {"elapsed_min": elapsed, "epochs": epoch, "iterations": epoch * len(loader),
+                                           "done": True})
     return elapsed
 
 
@@ -850,6 +854,9 @@ def main(argv=None) -> int:
         result.update({"dice_baseline": base["dice"], "iou_baseline": base["iou"], "hd95_baseline": base["hd95"],
                        "train_minutes_baseline": base_minutes, "baseline": {"model": "monai DynUNet", **topology,
                                                                             **base}})
+        # a folder finished before the iterations were recorded has none (null)
+        state = read_json(base_root / "train_state.json")
+        result.update({"iterations_baseline": state.get("iterations"), "epochs_baseline": state.get("epochs")})
     result["train_minutes"] = {"budget": training_budget(args), "medsegdiff": msd_minutes,
                                "baseline": result.get("train_minutes_baseline")}
     if msd is not None and not args.skip_baseline:  # paired by case: a gap read against the case-to-case spread

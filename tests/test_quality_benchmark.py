@@ -110,6 +110,13 @@ def test_quality_benchmark_smoke(tmp_path):
     gap = res["dice_minus_baseline"]["medsegdiff"]
     assert gap["cases"] == 4 and gap["cases_higher"] + gap["cases_lower"] <= 4
     assert gap["mean"] == pytest.approx(res["dice_medsegdiff"] - res["dice_baseline"], abs=1e-9)
+    # each model's per-case Dice travels in the result file (sessions pair their runs from it): the same 4 test
+    # cases, whose mean is the model's Dice and whose differences are the pairing's
+    msd_cases, base_cases = res["medsegdiff"]["dice_per_case"], res["baseline"]["dice_per_case"]
+    assert set(msd_cases) == set(base_cases) and len(msd_cases) == 4
+    assert sum(msd_cases.values()) / 4 == pytest.approx(res["dice_medsegdiff"], abs=1e-5)
+    assert sum(base_cases.values()) / 4 == pytest.approx(res["dice_baseline"], abs=1e-5)
+    assert sum(msd_cases[c] > base_cases[c] for c in msd_cases) == gap["cases_higher"]
     # fixed-length epochs reached the bundle (12 training cases at batch 4 would be 3 batches per pass)
     from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
 
@@ -443,7 +450,7 @@ def test_epochs_train_both_models_that_long_whatever_the_minutes(tmp_path):
     # the bundle's cosine over 3 iterations reaches the floor at the last one; DynUNet's is set per epoch
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * res["settings"]["lr"])
     dyn = torch.load(tmp_path / "dynunet" / "checkpoint.pt", weights_only=True)
-    assert dyn["epoch"] == 3
+    assert dyn["epoch"] == 3 and res["epochs_baseline"] == 3 and res["iterations_baseline"] == 3
     lr = res["settings"]["baseline_lr"]
     assert dyn["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cosine_annealed(lr, 0.1 * lr, 2 / 3))
     for model in ("medsegdiff", "dynunet"):
