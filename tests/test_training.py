@@ -16,7 +16,7 @@ def test_overfits_one_image():
     torch.manual_seed(0)
     image, label = synthetic_batch(1, 32, seed=3)
     model = tiny_model(channels=(16, 32, 64))
-    losses = train(model, image, label, iterations=400)
+    losses = train(model, image, label, iterations=250)
     assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20
     for sampler in ("ddim", "dpmpp"):
         result = DiffusionSampler(sampler, 20, ensemble=5, seed=0)(model, image)
@@ -28,7 +28,9 @@ def trained_tiny_model():
     torch.manual_seed(0)
     image, label = synthetic_batch(32, 32, seed=100)
     model = tiny_model(channels=(16, 32, 64))
-    train(model, image, label, iterations=700)
+    # 400 iterations: DDPM-1000 scores 0.91 and the fast samplers lie within 0.006 of it (0.92 and 0.000 after 700,
+    # which took 55 s more on a 2-core AVX2 machine)
+    train(model, image, label, iterations=400)
     test_image, test_label = synthetic_batch(4, 32, seed=200)
     return model, test_image, test_label
 
