@@ -24,10 +24,8 @@ import json
 from pathlib import Path
 
 from cpu_result import cpu_result, write_result  # also puts the repository root on sys.path
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Kvasir-SEG"
-SPLIT = Path(__file__).resolve().parent / "splits" / "kvasir_seg_split.json"
-LABEL_THRESHOLD = 127  # Kvasir-SEG's masks are 0..255 JPEGs
+# the quality benchmark's data, split and label settings, so that the ceiling is of the cases it scores
+from quality import DEFAULT_DATA, LABEL_THRESHOLD, NUM_CLASSES, SPLIT_FILE
 
 
 def find_cases(data: Path, ids: list[str] | None = None) -> list[dict]:
@@ -61,12 +59,12 @@ def ceiling_dices(cases: list[dict], size: int, label_threshold: float = LABEL_T
 
     from medsegdiff_bundle.data.transforms import build_preprocessing
 
-    pre = build_preprocessing(2, "evaluate", [size, size], 2, "rgb", label_threshold=label_threshold)
+    pre = build_preprocessing(2, "evaluate", [size, size], NUM_CLASSES, "rgb", label_threshold=label_threshold)
     invert = Invertd(["pred"], transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True)
     dices = []
     for case in cases:
         data = pre({"image": case["image"], "label": case["label"]})
-        truth = one_hot(data["label"].as_tensor()[None].long(), num_classes=2)  # (1, 2, H, W)
+        truth = one_hot(data["label"].as_tensor()[None].long(), num_classes=NUM_CLASSES)  # (1, 2, H, W)
         probabilities = F.interpolate(truth.float(), size=(size, size), mode="area")[0]
         # the network's output carries the image's metadata and transform record, as MONAI's evaluator passes it on
         image = data["image"]
@@ -75,7 +73,7 @@ def ceiling_dices(cases: list[dict], size: int, label_threshold: float = LABEL_T
         if restored.shape != data["label"].shape:
             raise RuntimeError(f"{case['image']}: inverted to {tuple(restored.shape)}, the mask is "
                                f"{tuple(data['label'].shape)}")
-        prediction = one_hot(restored[None].long(), num_classes=2)
+        prediction = one_hot(restored[None].long(), num_classes=NUM_CLASSES)
         dices.append(float(compute_dice(prediction, truth, include_background=False, ignore_empty=False)))
     return dices
 
@@ -106,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    ids = None if args.all_cases else json.loads(SPLIT.read_text(encoding="utf-8"))["test_ids"]
+    ids = None if args.all_cases else json.loads(SPLIT_FILE.read_text(encoding="utf-8"))["test_ids"]
     cases = find_cases(args.data, ids)
     by_size = {}
     for size in args.sizes:
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{size:>5}^2: ceiling Dice {s['dice_mean']:.4f} (min {s['dice_min']:.4f}, 5th percentile "
               f"{s['dice_p5']:.4f}) over {s['cases']} cases")
     result = cpu_result("resolution_ceiling", args, data=str(args.data),
-                        cases="every case" if args.all_cases else f"the fixed split's test cases ({SPLIT.name})",
+                        cases="every case" if args.all_cases else f"the fixed split's test cases ({SPLIT_FILE.name})",
                         by_size=by_size)
     write_result(result, args.out)
     return result
