@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -356,8 +357,12 @@ def test_torchrun_command_layers_the_plan_over_the_bundle(tmp_path):
 
 def test_gradient_accumulation_steps_the_optimizer_every_n_iterations_and_at_epoch_end(tmp_path):
     write_synthetic_dataset(tmp_path / "data", 12, (32, 32), seed=10)  # 9-10 training cases -> 5 iterations of 2
-    run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "batch_size": 2, "grad_accum": 2, "max_epochs": 2,
-                                               "val_interval": 100})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_workflow("train", "train", tmp_path, **{**TRAIN_2D, "batch_size": 2, "grad_accum": 2, "max_epochs": 2,
+                                                   "val_interval": 100})
+    # the rate steps every iteration, the optimiser every second: no warning of a misordered schedule for that
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     per_epoch = ckpt["trainer"]["epoch_length"]
     optimizer_steps = int(ckpt["optimizer"]["state"][0]["step"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,27 @@ def test_a_floor_above_the_start_rate_is_refused_and_equal_is_constant():
         opt.step()
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-12)
+
+
+def test_stepping_every_iteration_of_an_accumulation_cycle_warns_only_of_real_misuse():
+    """With gradient accumulation the bundle steps the rate every iteration and the optimiser every n-th, so the
+    first rate step comes before the first optimiser step: torch's warning about a skipped first value does not
+    apply to a rate that follows progress, and the rate still tracks the iterations. Its check that the optimiser's
+    ``step`` was replaced after the scheduler wrapped it still reaches the user."""
+    opt = _optimizer()
+    sched = ProgressCosineLR(opt, total_iterations=8, eta_min=0.0)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for iteration in range(1, 9):
+            if iteration % 2 == 0:  # accumulation_steps = 2
+                opt.step()
+            sched.step()
+            seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([cosine_annealed(1e-3, 0.0, i / 8) for i in range(1, 9)], rel=1e-9)
+
+    replaced = _optimizer()
+    sched = ProgressCosineLR(replaced, total_iterations=8)
+    replaced.step = lambda *a, **k: None
+    with pytest.warns(UserWarning, match="overridden"):
+        sched.step()
