@@ -121,3 +121,34 @@ def test_a_resumed_training_keeps_the_curves_from_before_its_checkpoint(tmp_path
     log = pd.read_csv(tmp_path / "training_log.csv")
     assert log["iteration"].tolist() == [1, 2, 3] and log["loss"].tolist() == [3.0] * 3
 
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_overlay_keeps_its_figure_title_apart_from_the_panel_titles(tmp_path, monkeypatch, with_reference):
+    """The case id is the figure's title; the contour panel says what its lines are (a local name once overwrote
+    the title argument, so every overlay was titled with the panel's legend twice and no case id)."""
+    import numpy as np
+
+    from medsegdiff_bundle.evaluation import visualize
+
+    seen = {}
+
+    def record(fig, path, **kwargs):
+        seen["suptitle"] = fig._suptitle.get_text() if fig._suptitle is not None else None
+        seen["panels"] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        return real_save(fig, path, **kwargs)
+
+    real_save = visualize._save
+    monkeypatch.setattr(visualize, "_save", record)
+    image = np.random.default_rng(0).random((3, 16, 16))
+    pred = np.zeros((16, 16), dtype=np.int64)
+    pred[4:10, 4:10] = 1
+    reference = np.roll(pred, 2, axis=0) if with_reference else None
+    out = visualize.save_overlay(tmp_path / "case_7_overlay.png", image, pred, reference, pred * 0.5, title="case_7")
+    assert Image.open(out).size[0] > 0
+    assert seen["suptitle"] == "case_7"
+    legend = "prediction (solid) / reference (yellow dashed)" if with_reference else "prediction"
+    assert seen["panels"] == ["image", legend, "ensemble uncertainty"]
+
+    visualize.save_overlay(tmp_path / "untitled.png", image, pred)
+    assert seen["suptitle"] is None and seen["panels"] == ["image", "prediction"]

@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 __all__ = ["representative_slice", "save_overlay", "save_training_curves"]
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    fig.tight_layout()
+def _save(fig: plt.Figure, path: str | Path, top: float = 1.0) -> Path:
+    """Lay out ``fig`` within the top ``top`` share of its height (the rest holds a figure title), write, close."""
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -54,7 +55,7 @@ def save_overlay(
         prediction: label map ``(H, W[, D])``.
         reference: optional ground truth, same shape.
         uncertainty: optional map, same shape.
-        title: figure title (e.g. case id and Dice).
+        title: figure title (e.g. the case id); none when empty.
     """
     if prediction.ndim == 3:
         z = representative_slice(reference if reference is not None and reference.any() else prediction)
@@ -77,8 +78,8 @@ def save_overlay(
         if reference is not None and (reference == c).any():
             # yellow dashes stay visible on top of any class colour
             axes[1].contour(reference == c, levels=[0.5], colors=["yellow"], linewidths=1.0, linestyles="dashed")
-    title = "prediction (solid) / reference (yellow dashed)" if reference is not None else "prediction"
-    axes[1].set_title(title, fontsize=8)
+    contours = "prediction (solid) / reference (yellow dashed)" if reference is not None else "prediction"
+    axes[1].set_title(contours, fontsize=8)
     if uncertainty is not None:
         im = axes[2].imshow(uncertainty, cmap="magma")
         axes[2].set_title("ensemble uncertainty")
@@ -87,7 +88,7 @@ def save_overlay(
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, top=0.93 if title else 1.0)  # tight_layout alone puts the panels' titles under it
 
 
 def _finish(ax: plt.Axes, xlabel: str, integer_x: bool = False) -> None:
