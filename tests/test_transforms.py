@@ -66,3 +66,22 @@ def test_builder_refuses_bad_options(kwargs, match):
     args = {"spatial_dims": 2, "stage": "train", "patch_size": [32, 32], "num_classes": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         build_preprocessing(**args)
+
+
+@pytest.mark.parametrize("stage", ["train", "validate", "infer", "evaluate"])
+def test_3d_pipelines_build_without_monais_orientation_deprecation(stage):
+    """Orientation's default axis labels are deprecated in MONAI; every 3D pipeline (and the fingerprint's loader)
+    names them, so users see no FutureWarning and the orientation stays the one plans and checkpoints were made with."""
+    import warnings
+
+    from monai.transforms import Orientationd
+
+    from medsegdiff_bundle.data.transforms import RAS_AXIS_LABELS, build_preprocessing
+    from medsegdiff_bundle.planning.fingerprint import _Loader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline = build_preprocessing(3, stage, (16, 16, 16), 3, "zscore", target_spacing=(1.0, 1.0, 1.0))
+        _Loader()
+    orient = [t for t in pipeline.transforms if isinstance(t, Orientationd)]
+    assert len(orient) == 1 and orient[0].ornt_transform.labels == RAS_AXIS_LABELS

@@ -152,3 +152,45 @@ def test_overlay_keeps_its_figure_title_apart_from_the_panel_titles(tmp_path, mo
 
     visualize.save_overlay(tmp_path / "untitled.png", image, pred)
     assert seen["suptitle"] is None and seen["panels"] == ["image", "prediction"]
+
+
+def test_3d_overlays_show_the_same_radiological_axial_slice_whatever_the_files_orientation(tmp_path, monkeypatch):
+    """One volume stored RAS and LPS (the flip DICOM's convention differs by): both overlays show the same picture,
+    the marker at the patient's right-anterior in the top-left quadrant (radiological: right on the viewer's left,
+    anterior at the top), and the case's tensors are left as they were."""
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from medsegdiff_bundle.data.transforms import SaveOverlayd
+    from medsegdiff_bundle.evaluation import visualize
+
+    shown = []
+    real_save = visualize._save
+
+    def record(fig, path, **kwargs):
+        shown.append([np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images])
+        return real_save(fig, path, **kwargs)
+
+    monkeypatch.setattr(visualize, "_save", record)
+    ras = np.zeros((1, 12, 10, 6), dtype=np.float32)  # (C, x: left -> right, y: posterior -> anterior, z)
+    ras[0, 9:11, 7:9, 3] = 1.0  # right and anterior
+    seg = (ras > 0).astype(np.float32)
+    ras_affine = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    lps_affine = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+    lps_affine[:2, 3] = torch.tensor([11.0, 9.0])  # voxel (0, 0) of the flipped grid is voxel (11, 9) of the other
+    for name, affine, flip in (("ras", ras_affine, lambda a: a), ("lps", lps_affine, lambda a: a[:, ::-1, ::-1])):
+        case = {key: MetaTensor(torch.from_numpy(flip(a).copy()), affine=affine.clone(),
+                                meta={"filename_or_obj": f"{name}.nii.gz"})
+                for key, a in (("image", ras + 0.1), ("pred", seg), ("uncertainty", seg * 0.5))}
+        before = {key: (t.clone(), len(t.applied_operations)) for key, t in case.items()}
+        SaveOverlayd(tmp_path, uncertainty_key="uncertainty")(case)
+        assert (tmp_path / f"{name}_overlay.png").is_file()
+        for key, (values, ops) in before.items():
+            assert torch.equal(case[key].as_tensor(), values.as_tensor()) and len(case[key].applied_operations) == ops
+    (ras_image, ras_unc), (lps_image, lps_unc) = shown[0][:2], shown[1][:2]
+    np.testing.assert_allclose(ras_image, lps_image)
+    np.testing.assert_allclose(ras_unc, lps_unc)
+    assert ras_unc.shape == (10, 12)  # rows: y (anterior first), columns: x (right first)
+    rows, cols = np.nonzero(ras_unc)
+    assert rows.max() < 5 and cols.max() < 6, (rows, cols)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     AsDiscreted,
     Compose,
@@ -27,6 +28,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    Orientation,
     Orientationd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -46,6 +48,7 @@ from .datalist import strip_image_extension
 
 __all__ = [
     "NORMALIZATIONS",
+    "RAS_AXIS_LABELS",
     "PrepareLabeld",
     "SplitTrailingChannelsd",
     "SplitUncertaintyd",
@@ -57,6 +60,9 @@ __all__ = [
 ]
 
 NORMALIZATIONS = ("rgb", "zscore", "ct", "none")
+# the axis labels MONAI's Orientation has always read "RAS" with; named explicitly since MONAI deprecates that default
+# (a FutureWarning for every 3D pipeline), so that plans, checkpoints and overlays keep the orientation they had
+RAS_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def _source(data: Mapping, key: str) -> str:
@@ -185,7 +191,9 @@ class SaveOverlayd(MapTransform):
     """Write ``<output_dir>/<case>_overlay.png``: image, predicted (and reference) contours, uncertainty.
 
     Expects channel-first tensors in the same geometry; ``pred_key`` holds a one-channel label map. 2D arrays
-    follow MONAI's reader convention ``(C, W, H)`` and are transposed for display.
+    follow MONAI's reader convention ``(C, W, H)`` and are transposed for display. 3D volumes are reoriented to RAS
+    by their affines first, so that every overlay shows an axial slice in radiological convention whatever the
+    file's own orientation (LPS DICOM, RAS NIfTI, a sagittal acquisition); the written label maps keep the input's.
     """
 
     def __init__(
@@ -199,6 +207,7 @@ class SaveOverlayd(MapTransform):
         super().__init__([image_key], allow_missing_keys=True)
         self.output_dir = Path(output_dir)
         self.image_key, self.pred_key, self.label_key, self.uncertainty_key = image_key, pred_key, label_key, uncertainty_key
+        self.to_ras = Orientation(axcodes="RAS", labels=RAS_AXIS_LABELS)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -206,7 +215,10 @@ class SaveOverlayd(MapTransform):
         def arr(key: str | None) -> np.ndarray | None:
             if key is None or key not in d:
                 return None
-            a = torch.as_tensor(d[key]).detach().cpu().float().numpy()
+            t = d[key]
+            if isinstance(t, MetaTensor) and t.ndim == 4:  # (C, X, Y, Z) in its file's orientation
+                t = self.to_ras(t)
+            a = torch.as_tensor(t).detach().cpu().float().numpy()
             return np.swapaxes(a, 1, 2) if a.ndim == 3 else a  # (C, W, H) -> (C, H, W) for 2D display
 
         image, pred, label, unc = (arr(k) for k in (self.image_key, self.pred_key, self.label_key, self.uncertainty_key))
@@ -280,7 +292,7 @@ def build_preprocessing(
         EnsureTyped(load_keys, dtype=torch.float32, allow_missing_keys=stage == "evaluate"),
     ]
     if spatial_dims == 3:
-        xforms.append(Orientationd(geo_keys, axcodes="RAS"))
+        xforms.append(Orientationd(geo_keys, axcodes="RAS", labels=RAS_AXIS_LABELS))
         if target_spacing is not None:
             xforms.append(Spacingd(geo_keys, pixdim=list(target_spacing), mode=interp))
     if with_label:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["representative_slice", "save_overlay", "save_training_curves"]
+__all__ = ["radiological_axial", "representative_slice", "save_overlay", "save_training_curves", "save_trajectory_plot"]
 
 
 def _save(fig: plt.Figure, path: str | Path, top: float = 1.0) -> Path:
@@ -39,6 +39,12 @@ def _to_display(image: np.ndarray) -> np.ndarray:
     return np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0]
 
 
+def radiological_axial(plane: np.ndarray) -> np.ndarray:
+    """An axial plane of a RAS-ordered volume, ``(..., x, y)``, as radiology shows it: ``(..., y, x)`` with anterior
+    at the top and the patient's right on the left."""
+    return np.flip(np.swapaxes(plane, -2, -1), axis=(-2, -1))
+
+
 def save_overlay(
     path: str | Path,
     image: np.ndarray,
@@ -51,7 +57,9 @@ def save_overlay(
 
     Args:
         path: output PNG.
-        image: ``(C, H, W)`` or ``(C, H, W, D)``; 3D is shown at the slice with most predicted/reference foreground.
+        image: ``(C, H, W)`` or ``(C, X, Y, Z)``. 3D arrays are in RAS order (:class:`SaveOverlayd` reorients them
+            so): the axial slice with most predicted/reference foreground is shown in radiological convention
+            (:func:`radiological_axial`).
         prediction: label map ``(H, W[, D])``.
         reference: optional ground truth, same shape.
         uncertainty: optional map, same shape.
@@ -59,9 +67,9 @@ def save_overlay(
     """
     if prediction.ndim == 3:
         z = representative_slice(reference if reference is not None and reference.any() else prediction)
-        image, prediction = image[..., z], prediction[..., z]
-        reference = None if reference is None else reference[..., z]
-        uncertainty = None if uncertainty is None else uncertainty[..., z]
+        image, prediction = radiological_axial(image[..., z]), radiological_axial(prediction[..., z])
+        reference = None if reference is None else radiological_axial(reference[..., z])
+        uncertainty = None if uncertainty is None else radiological_axial(uncertainty[..., z])
     disp = _to_display(image)
     panels = 2 + (uncertainty is not None)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4))

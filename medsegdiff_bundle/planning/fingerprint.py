@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import threading
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm.auto import tqdm
 
 from ..data.datalist import case_name, load_datalist, validate_cases
+from ..data.transforms import RAS_AXIS_LABELS
 from ..utils import atomic_open, read_json_object, write_json_atomic
 
 __all__ = ["FINGERPRINT_VERSION", "extract_fingerprint", "save_fingerprint", "load_fingerprint"]
@@ -72,9 +72,7 @@ class _Loader:
     def __init__(self) -> None:
         self.load = LoadImage(image_only=True, dtype=None)
         self.channel_first = EnsureChannelFirst()
-        with warnings.catch_warnings():  # same default ``labels`` as training's Orientationd; silence its deprecation
-            warnings.simplefilter("ignore")
-            self.orient = Orientation(axcodes="RAS")
+        self.orient = Orientation(axcodes="RAS", labels=RAS_AXIS_LABELS)  # as training's Orientationd
 
     def __call__(self, paths) -> torch.Tensor:
         img = self.channel_first(self.load(paths))
