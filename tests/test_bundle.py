@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -84,6 +85,40 @@ def test_evaluation_writes_per_case_metrics_and_summary(trained_2d):
     assert list(table.columns) == ["case", "class", "dice", "iou", "hd95"]
     assert len(table) == 2 and table["dice"].between(0, 1).all()
     assert "±" in (out / "metrics_summary.md").read_text(encoding="utf-8")
+
+
+def test_cases_whose_files_share_a_name_keep_their_outputs_apart(trained_2d, tmp_path):
+    """One folder per case with the same file names (KiTS' ``case_00000/imaging.nii.gz``): every case's label map,
+    uncertainty map and overlay go to its own sub-folder and metrics.csv names each case by it, where they once
+    overwrote one another under one name."""
+    import shutil
+
+    cases = json.loads((trained_2d / "data" / "datalist.json").read_text(encoding="utf-8"))["training"]
+    fold0 = [c for c in cases if c["fold"] == 0]
+    assert len(fold0) == 2
+    layout = []
+    for case in fold0:
+        folder = tmp_path / "data" / "scans" / case["image"].split("/")[-1][: -len(".png")]
+        folder.mkdir(parents=True)
+        shutil.copy(trained_2d / "data" / case["image"], folder / "image.png")
+        shutil.copy(trained_2d / "data" / case["label"], folder / "mask.png")
+        layout.append({"image": f"scans/{folder.name}/image.png", "label": f"scans/{folder.name}/mask.png", "fold": 0})
+    datalist = tmp_path / "data" / "datalist.json"
+    datalist.write_text(json.dumps({"training": layout}), encoding="utf-8")
+    settings = {**INFER_2D, "datalist": str(datalist), "dataset_dir": str(tmp_path / "data"),
+                "ckpt_path": str(trained_2d / "models" / "model.pt")}
+    for config, folder in (("evaluate", tmp_path / "evaluation"), ("inference", tmp_path / "inference")):
+        run_workflow(config, "infer", trained_2d, output_dir=str(folder), **settings)
+        names = sorted(p.parent.name for p in folder.glob("*/image_seg.png"))
+        assert names == sorted(Path(c["image"]).parent.name for c in layout), list(folder.rglob("*"))
+        for name in names:
+            source = np.array(Image.open(tmp_path / "data" / "scans" / name / "image.png"))
+            assert np.array(Image.open(folder / name / "image_seg.png")).shape == source.shape[:2]
+            for kind in ("uncertainty", "overlay"):
+                assert (folder / name / f"image_{kind}.png").is_file(), kind
+        assert not list(folder.glob("image_*.png"))  # nothing left to be overwritten at the top
+    table = pd.read_csv(tmp_path / "evaluation" / "metrics.csv")
+    assert sorted(table["case"]) == [f"{name}/image" for name in names]
 
 
 @pytest.mark.parametrize("config", ["inference", "evaluate"])

@@ -396,3 +396,26 @@ def test_validate_end_to_end_from_datalist(tmp_path):
     assert validate_cases(select_fold(items, 1, validation=False)) == [items[0]]
     with pytest.raises(ValueError, match=r"b: image size \(12, 12\) does not match label size \(13, 12\)"):
         validate_cases(select_fold(items, 1, validation=True))
+
+
+def test_output_root_keeps_outputs_of_cases_with_one_file_name_apart(tmp_path):
+    from medsegdiff_bundle.data import output_name, output_root
+
+    unique = [{"image": str(tmp_path / "imagesTs" / f"case_{i}.nii.gz")} for i in range(3)]
+    assert output_root(unique) is None  # names differ: outputs side by side, as always
+    assert output_name(unique[0]["image"]) == "case_0"
+
+    per_folder = [{"image": [str(tmp_path / "kits" / f"case_{i}" / "imaging.nii.gz"), "second.nii.gz"]}
+                  for i in range(2)] + [{"image": str(tmp_path / "kits" / "extra" / "a" / "imaging.nii.gz")}]
+    root = output_root(per_folder)
+    assert Path(root) == tmp_path / "kits"
+    assert [output_name(c["image"][0] if isinstance(c["image"], list) else c["image"], root) for c in per_folder] == [
+        "case_0/imaging", "case_1/imaging", "extra/a/imaging"]
+
+    clash = [{"image": str(tmp_path / "x" / "scan.nii.gz")}, {"image": str(tmp_path / "x" / "scan.nii")},
+             {"image": str(tmp_path / "y" / "scan.mha")}]
+    with pytest.raises(ValueError, match=r"2 cases would write the same output files \(x/scan\)") as err:
+        output_root(clash)
+    assert "scan.nii.gz" in str(err.value) and "scan.mha" not in str(err.value)
+    with pytest.raises(KeyError, match="no path under 'image'"):
+        output_root([{"label": "a.png"}])

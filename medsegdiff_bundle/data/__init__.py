@@ -2,7 +2,17 @@
 
 from .cache import DATASET_CACHES, build_dataset
 from .converters import assign_folds, convert, list_datasets
-from .datalist import case_name, cases_from_folder, check_case, find_cases, load_datalist, select_fold, validate_cases
+from .datalist import (
+    case_name,
+    cases_from_folder,
+    check_case,
+    find_cases,
+    load_datalist,
+    output_name,
+    output_root,
+    select_fold,
+    validate_cases,
+)
 from .synthetic import ensure_synthetic_datalist, make_synthetic_case, make_synthetic_dataset, write_synthetic_dataset
 
 __all__ = [
@@ -19,6 +29,8 @@ __all__ = [
     "load_datalist",
     "make_synthetic_case",
     "make_synthetic_dataset",
+    "output_name",
+    "output_root",
     "select_fold",
     "validate_cases",
     "write_synthetic_dataset",

@@ -36,6 +36,8 @@ __all__ = [
     "check_case",
     "find_cases",
     "load_datalist",
+    "output_name",
+    "output_root",
     "select_fold",
     "strip_image_extension",
     "validate_cases",
@@ -144,6 +146,52 @@ def case_name(item: dict, key: str = "image") -> str:
         raise KeyError(f"Case has no path under {key!r}: {item}")
     path = Path(value)
     return path.name if path.is_dir() else strip_image_extension(path.name)
+
+
+def output_name(path: str | os.PathLike, data_root_dir: str | os.PathLike | None = None) -> str:
+    """The name a case's outputs carry (``<name>_seg``, ``<name>_overlay.png``, the ``case`` column of metrics.csv):
+    :func:`case_name` of ``path``, under its folder relative to ``data_root_dir`` when that is given, as MONAI's
+    ``SaveImage(data_root_dir=...)`` places the written files (e.g. ``case_00000/imaging``)."""
+    name = case_name({"image": os.fspath(path)})
+    if not data_root_dir:
+        return name
+    folder = os.path.relpath(os.path.dirname(os.path.abspath(path)), os.path.abspath(data_root_dir))
+    return name if folder == "." else Path(folder, name).as_posix()
+
+
+def output_root(cases: Sequence[dict], key: str = "image") -> str | None:
+    """The ``data_root_dir`` that keeps the outputs of ``cases`` apart (see :func:`output_name`).
+
+    ``None`` while their :func:`case_name` differ, so outputs lie side by side in one folder; where two coincide
+    (one folder per case with the same file names, as KiTS' ``case_00000/imaging.nii.gz``), the deepest folder
+    holding all their files, so that each case's outputs go to a sub-folder like its input's instead of
+    overwriting one another.
+
+    Args:
+        cases: case dicts (e.g. from :func:`find_cases`).
+        key: the key whose (first) path names a case.
+
+    Raises:
+        KeyError: a case has no path under ``key``.
+        ValueError: two cases would still share their outputs (files of one name, with different extensions, in one
+            folder), naming them.
+    """
+    paths = []
+    for item in cases:
+        case_name(item, key)  # the check, with its message
+        value = item[key]
+        paths.append(os.path.abspath(os.fspath(value[0] if isinstance(value, (list, tuple)) else value)))
+    names = [output_name(p) for p in paths]
+    if len(set(names)) == len(names):
+        return None
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    named = [output_name(p, root) for p in paths]
+    clashes = sorted({n for n in named if named.count(n) > 1})
+    if clashes:
+        shared = [p for p, n in zip(paths, named) if n in clashes]
+        raise ValueError(f"{len(shared)} cases would write the same output files ({', '.join(clashes[:5])}): "
+                         f"{', '.join(shared[:6])}; rename them so that their names differ without extension.")
+    return root
 
 
 def _as_paths(value) -> list[str] | None:

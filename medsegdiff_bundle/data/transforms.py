@@ -44,7 +44,7 @@ from monai.transforms import (
 )
 
 from ..evaluation.visualize import save_overlay
-from .datalist import strip_image_extension
+from .datalist import output_name
 
 __all__ = [
     "NORMALIZATIONS",
@@ -190,7 +190,9 @@ class MarkSingleChannelMapd(MapTransform):
 class SaveOverlayd(MapTransform):
     """Write ``<output_dir>/<case>_overlay.png``: image, predicted (and reference) contours, uncertainty.
 
-    Expects channel-first tensors in the same geometry; ``pred_key`` holds a one-channel label map. 2D arrays
+    The file is named by :func:`~medsegdiff_bundle.data.datalist.output_name` (under the image's sub-folder of
+    ``data_root_dir`` when given, as the label maps). Expects channel-first tensors in the same geometry; ``pred_key``
+    holds a one-channel label map. 2D arrays
     follow MONAI's reader convention ``(C, W, H)`` and are transposed for display. 3D volumes are reoriented to RAS
     by their affines first, so that every overlay shows an axial slice in radiological convention whatever the
     file's own orientation (LPS DICOM, RAS NIfTI, a sagittal acquisition); the written label maps keep the input's.
@@ -203,9 +205,11 @@ class SaveOverlayd(MapTransform):
         pred_key: str = "pred",
         label_key: str | None = None,
         uncertainty_key: str | None = "uncertainty",
+        data_root_dir: str | Path | None = None,
     ) -> None:
         super().__init__([image_key], allow_missing_keys=True)
         self.output_dir = Path(output_dir)
+        self.data_root_dir = data_root_dir
         self.image_key, self.pred_key, self.label_key, self.uncertainty_key = image_key, pred_key, label_key, uncertainty_key
         self.to_ras = Orientation(axcodes="RAS", labels=RAS_AXIS_LABELS)
 
@@ -222,7 +226,7 @@ class SaveOverlayd(MapTransform):
             return np.swapaxes(a, 1, 2) if a.ndim == 3 else a  # (C, W, H) -> (C, H, W) for 2D display
 
         image, pred, label, unc = (arr(k) for k in (self.image_key, self.pred_key, self.label_key, self.uncertainty_key))
-        name = strip_image_extension(Path(_source(d, self.image_key)).name)
+        name = output_name(_source(d, self.image_key), self.data_root_dir)
         save_overlay(
             self.output_dir / f"{name}_overlay.png",
             image,
@@ -340,12 +344,15 @@ def build_postprocessing(
     label_key: str | None = None,
     overlay: bool = True,
     invert: bool = True,
+    data_root_dir: str | Path | None = None,
 ) -> Compose:
     """Post-processing of ``DiffusionSegInferer(return_uncertainty=True)`` output.
 
     Splits the uncertainty channel, inverts prediction, uncertainty and image into the input's own geometry
     (original size in 2D; original affine, spacing and orientation in 3D), takes the argmax label map, and (when
     ``output_dir`` is given) writes ``<case>_seg`` and ``<case>_uncertainty`` (PNG in 2D, NIfTI in 3D) and an overlay.
+    With ``data_root_dir`` (:func:`~medsegdiff_bundle.data.datalist.output_root`: cases whose files share a name)
+    each case's files go to its image's sub-folder of it, ``<output_dir>/<sub-folder>/<case>_seg``.
     """
     keys = [pred_key, "uncertainty"]
     xforms: list = [SplitUncertaintyd(pred_key)]
@@ -357,12 +364,12 @@ def build_postprocessing(
     if output_dir is not None:
         ext = ".png" if spatial_dims == 2 else ".nii.gz"
         common = {"output_dir": str(output_dir), "output_ext": ext, "resample": False, "separate_folder": False,
-                  "print_log": False}
+                  "print_log": False, "data_root_dir": str(data_root_dir or "")}
         xforms += [
             SaveImaged(pred_key, output_postfix="seg", output_dtype=np.uint8, **common),
             SaveImaged("uncertainty", output_postfix="uncertainty", output_dtype=np.uint8 if spatial_dims == 2 else np.float32,
                        scale=255 if spatial_dims == 2 else None, **common),
         ]
         if overlay:
-            xforms.append(SaveOverlayd(output_dir, image_key, pred_key, label_key))
+            xforms.append(SaveOverlayd(output_dir, image_key, pred_key, label_key, data_root_dir=data_root_dir))
     return Compose(xforms)

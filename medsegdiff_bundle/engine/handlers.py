@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from monai.utils import CommonKeys as Keys
 
-from ..data.datalist import case_name
+from ..data.datalist import output_name
 from ..evaluation.metrics import case_metrics, format_summary_markdown, summarize_metrics
 from ..evaluation.visualize import save_training_curves
 
@@ -218,12 +218,15 @@ class MetricsTableHandler:
     ``metrics.csv``, ``metrics_summary.csv`` and ``metrics_summary.md`` when the run completes.
 
     Each output item needs ``pred`` (label map ``(1, *S)``) and ``label`` (``(1, *S)``) in the same geometry; the
-    case name comes from the image's ``filename_or_obj``; HD95 uses the image's pixel spacing when known.
+    case name comes from the image's ``filename_or_obj`` (:func:`~medsegdiff_bundle.data.datalist.output_name`, with
+    ``data_root_dir`` as the written label maps use it); HD95 uses the image's pixel spacing when known.
     """
 
     def __init__(self, output_dir: str | Path, num_classes: int, class_names: list[str] | None = None,
-                 pred_key: str = Keys.PRED, label_key: str = Keys.LABEL, image_key: str = Keys.IMAGE) -> None:
+                 pred_key: str = Keys.PRED, label_key: str = Keys.LABEL, image_key: str = Keys.IMAGE,
+                 data_root_dir: str | Path | None = None) -> None:
         self.output_dir = Path(output_dir)
+        self.data_root_dir = data_root_dir
         self.num_classes = num_classes
         self.class_names = class_names
         self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
@@ -245,7 +248,8 @@ class MetricsTableHandler:
             if label is None:
                 raise ValueError("MetricsTableHandler needs a label for every case.")
             meta = getattr(pred, "meta", {}) or {}
-            name = case_name({"image": str(meta.get("filename_or_obj", f"case_{len(self.tables)}"))})
+            source = meta.get("filename_or_obj")
+            name = output_name(str(source), self.data_root_dir) if source else f"case_{len(self.tables)}"
             spacing = None
             if "pixdim" in meta:
                 spacing = [float(s) for s in torch.as_tensor(meta["pixdim"])[1 : pred.ndim].tolist()]
