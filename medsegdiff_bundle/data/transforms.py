@@ -192,10 +192,10 @@ class SaveOverlayd(MapTransform):
 
     The file is named by :func:`~medsegdiff_bundle.data.datalist.output_name` (under the image's sub-folder of
     ``data_root_dir`` when given, as the label maps). Expects channel-first tensors in the same geometry; ``pred_key``
-    holds a one-channel label map. 2D arrays
-    follow MONAI's reader convention ``(C, W, H)`` and are transposed for display. 3D volumes are reoriented to RAS
-    by their affines first, so that every overlay shows an axial slice in radiological convention whatever the
-    file's own orientation (LPS DICOM, RAS NIfTI, a sagittal acquisition); the written label maps keep the input's.
+    holds a one-channel label map. 2D arrays follow MONAI's reader convention ``(C, W, H)`` and are transposed for
+    display. 3D volumes are reoriented to RAS by their affines first, so that every overlay shows an axial slice in
+    radiological convention whatever the file's own orientation (LPS DICOM, RAS NIfTI, a sagittal acquisition); the
+    written label maps keep the input's.
     """
 
     def __init__(

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["radiological_axial", "representative_slice", "save_overlay", "save_training_curves", "save_trajectory_plot"]
+__all__ = [
+    "radiological_axial", "representative_slice", "save_overlay", "save_training_curves", "save_trajectory_plot",
+]
 
 
 def _save(fig: plt.Figure, path: str | Path, top: float = 1.0) -> Path:
@@ -60,7 +62,7 @@ def save_overlay(
         image: ``(C, H, W)`` or ``(C, X, Y, Z)``. 3D arrays are in RAS order (:class:`SaveOverlayd` reorients them
             so): the axial slice with most predicted/reference foreground is shown in radiological convention
             (:func:`radiological_axial`).
-        prediction: label map ``(H, W[, D])``.
+        prediction: label map ``(H, W)`` or ``(X, Y, Z)``.
         reference: optional ground truth, same shape.
         uncertainty: optional map, same shape.
         title: figure title (e.g. the case id); none when empty.
