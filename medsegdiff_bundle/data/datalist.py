@@ -176,14 +176,10 @@ def output_root(cases: Sequence[dict], key: str = "image") -> str | None:
         ValueError: two cases would still share their outputs (files of one name, with different extensions, in one
             folder), naming them.
     """
-    paths = []
-    for item in cases:
-        case_name(item, key)  # the check, with its message
-        value = item[key]
-        paths.append(os.path.abspath(os.fspath(value[0] if isinstance(value, (list, tuple)) else value)))
-    names = [output_name(p) for p in paths]
+    names = [case_name(item, key) for item in cases]
     if len(set(names)) == len(names):
         return None
+    paths = [os.path.abspath(_as_paths(item[key])[0]) for item in cases]
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     named = [output_name(p, root) for p in paths]
     clashes = sorted({n for n in named if named.count(n) > 1})

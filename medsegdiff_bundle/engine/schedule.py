@@ -87,7 +87,12 @@ class ProgressCosineLR(LRScheduler):
         """Advance one training iteration (``epoch`` is torch's deprecated argument, passed on as it is)."""
         # the bundle steps the rate every iteration, also those in which gradient accumulation leaves the optimiser
         # alone; the rate follows the run's progress, not the optimiser's steps, so torch's warning that the first
-        # value is skipped when the optimiser has not stepped yet does not apply (its other warnings do)
+        # value is skipped when the optimiser has not stepped yet does not apply (its other warnings do). torch
+        # checks the order at the first step only, and catch_warnings resets every module's once-only warnings, so
+        # the later steps, one per training iteration, go straight through
+        if self._step_count != 1:
+            super().step(epoch)
+            return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer")
             super().step(epoch)
