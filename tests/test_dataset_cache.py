@@ -10,7 +10,7 @@ from monai.data import CacheDataset, MetaTensor, PersistentDataset
 
 from medsegdiff_bundle.data import load_datalist, write_synthetic_dataset
 from medsegdiff_bundle.data.cache import build_dataset, cached_bytes_per_case
-from medsegdiff_bundle.data.transforms import build_preprocessing
+from medsegdiff_bundle.data.transforms import AUGMENTATIONS, build_preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def cases(tmp_path_factory):
     return load_datalist(datalist, "training", root)
 
 
-def _two_epochs(cases, cache: str, cache_dir=None, spatial_dims: int = 2) -> list[dict]:
-    transform = build_preprocessing(spatial_dims, "train", [32, 32], 2)
+def _two_epochs(cases, cache: str, cache_dir=None, spatial_dims: int = 2, augmentation: str = "default") -> list[dict]:
+    transform = build_preprocessing(spatial_dims, "train", [32, 32], 2, augmentation=augmentation)
     transform.set_random_state(seed=7)
     dataset = build_dataset(cases, transform, cache, cache_dir)
     return [dataset[i] for _ in range(2) for i in range(len(dataset))]
@@ -53,6 +53,17 @@ def test_the_disk_cache_is_not_reused_after_the_pipeline_changes(cases, tmp_path
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
+def test_every_augmentation_reads_the_one_disk_cache_and_gets_its_own_samples(cases, tmp_path):
+    """The augmentation is all after the cached part, so it does not name the cache (a changed augmentation keeps
+    it), and a cache written under one is never stale under another: each gets the samples it gets uncached."""
+    for augmentation in AUGMENTATIONS:
+        plain = _two_epochs(cases, "none", augmentation=augmentation)
+        cached = _two_epochs(cases, "disk", tmp_path, augmentation=augmentation)
+        for a, b in zip(plain, cached):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]), augmentation
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+
+
 def test_bad_cache_settings_are_named(cases):
     transform = build_preprocessing(2, "train", [32, 32], 2)
     with pytest.raises(ValueError, match="dataset_cache must be one of .* got 'ram'"):
@@ -66,15 +77,17 @@ def test_cached_bytes_per_case_counts_float32_channels_and_the_label():
     assert cached_bytes_per_case([128, 128, 96], 4) == 128 * 128 * 96 * 5 * 4
 
 
-def test_a_3d_disk_cache_keeps_the_resampled_volumes_and_their_meta(tmp_path):
+@pytest.mark.parametrize("augmentation", ["default", "nnunet"])
+def test_a_3d_disk_cache_keeps_the_resampled_volumes_and_their_meta(tmp_path, augmentation):
     """3D: orientation and resampling are cached (the expensive part), meta included, read back with
-    ``weights_only=True``; the random crops still differ per read."""
+    ``weights_only=True``; the random crops still differ per read (also those "nnunet" resamples lazily from the
+    cached volume)."""
     datalist = write_synthetic_dataset(tmp_path / "data", 2, (24, 20, 16), seed=4)
     cases = load_datalist(datalist, "training", tmp_path / "data")
 
     def reads(cache):
         transform = build_preprocessing(3, "train", [16, 16, 16], 2, normalization="zscore",
-                                        target_spacing=[1.2, 1.2, 1.2])
+                                        target_spacing=[1.2, 1.2, 1.2], augmentation=augmentation)
         transform.set_random_state(seed=1)
         dataset = build_dataset(cases, transform, cache, tmp_path / "cache")
         return [dataset[i] for _ in range(2) for i in range(len(cases))]

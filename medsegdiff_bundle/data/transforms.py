@@ -6,11 +6,13 @@ label clean-up with case-naming errors, splitting the inferer's uncertainty chan
 
 2D images (PNG/JPG/BMP, RGB or grey) are resized to ``patch_size`` as in the paper (256² there) and inverted back
 to their own size after inference. 3D volumes (NIfTI, NRRD/MHA, DICOM series) are reoriented to RAS, optionally
-resampled to ``target_spacing``, trained on random patches and inferred with a sliding window.
+resampled to ``target_spacing``, trained on random patches and inferred with a sliding window. Training augments
+with one of ``AUGMENTATIONS`` (:func:`augmentation_transforms`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,19 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientation,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandRotate90d,
+    RandRotated,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandZoomd,
     Resized,
     SaveImaged,
     ScaleIntensityRanged,
@@ -47,6 +56,7 @@ from ..evaluation.visualize import save_overlay
 from .datalist import output_name
 
 __all__ = [
+    "AUGMENTATIONS",
     "NORMALIZATIONS",
     "RAS_AXIS_LABELS",
     "PrepareLabeld",
@@ -55,14 +65,18 @@ __all__ = [
     "MarkSingleChannelMapd",
     "SaveOverlayd",
     "normalization_transforms",
+    "augmentation_transforms",
     "build_preprocessing",
     "build_postprocessing",
 ]
 
 NORMALIZATIONS = ("rgb", "zscore", "ct", "none")
+AUGMENTATIONS = ("default", "nnunet", "none")
 # the axis labels MONAI's Orientation has always read "RAS" with; named explicitly since MONAI deprecates that default
 # (a FutureWarning for every 3D pipeline), so that plans, checkpoints and overlays keep the orientation they had
 RAS_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# torch.nn.functional.interpolate's linear mode per spatial_dims (Zoom and the low-resolution simulation use it)
+_LINEAR = {2: "bilinear", 3: "trilinear"}
 
 
 def _source(data: Mapping, key: str) -> str:
@@ -252,6 +266,122 @@ def normalization_transforms(keys: KeysCollection, normalization: str) -> list:
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
 
 
+def _light_augmentation(spatial_dims: int, image_key: str, label_key: str) -> list:
+    """``default`` after the flips: 2D right-angle rotations and a small affine, then intensity scale and shift."""
+    xforms: list = []
+    if spatial_dims == 2:
+        keys = [image_key, label_key]
+        xforms += [
+            RandRotate90d(keys, prob=0.5),
+            RandAffined(keys, prob=0.3, rotate_range=0.26, scale_range=0.1, mode=["bilinear", "nearest"],
+                        padding_mode="zeros"),
+        ]
+    return xforms + [
+        RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
+        RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
+    ]
+
+
+def _nnunet_spatial(spatial_dims: int, crop: list, image_key: str, label_key: str) -> list:
+    """nnU-Net's spatial transform after the (3D) patch ``crop``: rotation (p 0.2; 2D ±180°, 3D ±30° about each
+    axis) and one scale factor for all axes (p 0.2, 0.7-1.4), each drawn on its own; no elastic deformation.
+
+    In 3D, crop, rotation and scaling are resampled lazily, in one interpolation from the whole (padded) volume: a
+    rotated or shrunk patch then shows the volume around it, as nnU-Net's (which crops a larger region first),
+    instead of the zeros that transforming the cropped patch leaves; only beyond the volume's border is it zero
+    padded. The ``overrides`` name each key's interpolation because MONAI 1.6's lazy resampling drops the
+    transforms' own ``mode`` (MONAI issue 6850: labels came out interpolated), and keep float32, so that the whole
+    volume is not copied to float64 for each patch. 2D images are resized whole, so there is nothing around them to
+    show (zero padding, as nnU-Net's on a whole image), and they are transformed one transform at a time (MONAI 1.6's
+    lazy 2D transforms that do not fire leave a 3D identity that the next one cannot be combined with).
+    """
+    keys = [image_key, label_key]
+    angle = math.pi if spatial_dims == 2 else math.pi / 6
+    spatial = [
+        RandRotated(keys, range_x=angle, range_y=angle, range_z=angle, prob=0.2, mode=["bilinear", "nearest"],
+                    padding_mode="zeros"),
+        # a scalar zoom range draws one factor for all axes
+        RandZoomd(keys, prob=0.2, min_zoom=0.7, max_zoom=1.4, mode=[_LINEAR[spatial_dims], "nearest"],
+                  padding_mode="constant"),
+    ]
+    if spatial_dims == 2:
+        return crop + spatial
+    resample = {"padding_mode": "zeros", "dtype": torch.float32}
+    overrides = {image_key: {"mode": "bilinear", **resample}, label_key: {"mode": "nearest", **resample}}
+    return [Compose(crop + spatial, lazy=True, overrides=overrides)]
+
+
+def _nnunet_intensity(spatial_dims: int, image_key: str) -> list:
+    """nnU-Net's intensity transforms, in its order, on the image only (after normalisation)."""
+    return [
+        # nnU-Net draws the variance in (0, 0.1); MONAI draws the standard deviation in (0, sqrt(0.1))
+        RandGaussianNoised(image_key, prob=0.1, mean=0.0, std=math.sqrt(0.1)),
+        RandGaussianSmoothd(image_key, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+        # brightness and contrast: a factor per channel, as nnU-Net's; contrast about the channel's mean, clipped to
+        # its range
+        RandScaleIntensityd(image_key, factors=0.25, prob=0.15, channel_wise=True),
+        RandScaleIntensityFixedMeand(image_key, factors=0.25, fixed_mean=True, preserve_range=True, prob=0.15,
+                                     channel_wise=True),
+        RandSimulateLowResolutiond(image_key, prob=0.25, zoom_range=(0.5, 1.0), downsample_mode="nearest-exact",
+                                   upsample_mode=_LINEAR[spatial_dims]),
+    ] + [
+        # gamma on the inverted image, then on the image itself, both keeping its mean and standard deviation
+        RandAdjustContrastd(image_key, prob=prob, gamma=(0.7, 1.5), invert_image=invert, retain_stats=True)
+        for prob, invert in ((0.1, True), (0.3, False))
+    ]
+
+
+def augmentation_transforms(
+    spatial_dims: int,
+    augmentation: str,
+    patch_size: Sequence[int],
+    num_samples: int = 1,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> list:
+    """The random part of the training pre-processing: the 3D patch crop and the ``augmentation``.
+
+    It follows the deterministic part (loading, normalisation, 2D resizing, 3D padding to at least ``patch_size``)
+    that the dataset caches (:mod:`~medsegdiff_bundle.data.cache`), so the choice never changes that cache.
+    Geometric transforms move image and label together (bilinear / nearest); intensity transforms touch the image.
+
+    * ``default``: the bundle's light augmentation, which its results so far were trained with: mirroring along
+      each axis (p 0.5); in 2D 90° rotations (p 0.5) and an affine (p 0.3: ±15°, scale ±10 %); intensity scale
+      and shift (±0.1, p 0.5 each).
+    * ``nnunet``: nnU-Net v2's default training augmentation: rotation and scaling (:func:`_nnunet_spatial`), noise,
+      blur, brightness, contrast, low resolution, gamma (:func:`_nnunet_intensity`) and mirroring along each axis
+      (p 0.5). Where it differs from nnU-Net's own: the noise's standard deviation (not its variance) and gamma
+      (nnU-Net: below 1 half of the time) are drawn uniformly; blur, low resolution and gamma act on all channels
+      at once (nnU-Net: each channel on its own, blur and low resolution with p 0.5 each); 3D data with
+      anisotropic patches get no 2D-only variant.
+    * ``none``: no augmentation (2D: the resized images themselves, as validated; 3D: random patches).
+
+    Args:
+        spatial_dims: 2 or 3.
+        augmentation: one of ``AUGMENTATIONS``.
+        patch_size: 3D training patch size (2D images are already resized to it).
+        num_samples: 3D patches per volume.
+        image_key: key of the channel-first image, ``(C, H, W[, D])``.
+        label_key: key of the class-index label, ``(1, H, W[, D])``.
+
+    Raises:
+        ValueError: an unknown ``augmentation``.
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
+    keys = [image_key, label_key]
+    crop = [] if spatial_dims == 2 else [
+        RandCropByPosNegLabeld(keys, label_key, list(patch_size), pos=1, neg=1, num_samples=num_samples)
+    ]
+    if augmentation == "none":
+        return crop
+    flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)]
+    if augmentation == "default":
+        return crop + flips + _light_augmentation(spatial_dims, image_key, label_key)
+    spatial = _nnunet_spatial(spatial_dims, crop, image_key, label_key)
+    return spatial + _nnunet_intensity(spatial_dims, image_key) + flips  # nnU-Net mirrors last
+
+
 def build_preprocessing(
     spatial_dims: int,
     stage: str,
@@ -264,6 +394,7 @@ def build_preprocessing(
     label_mapping: Mapping[Any, int] | None = None,
     image_key: str = "image",
     label_key: str = "label",
+    augmentation: str = "default",
 ) -> Compose:
     """Pre-processing for ``stage`` in ``train`` / ``validate`` / ``infer`` / ``evaluate``.
 
@@ -281,6 +412,8 @@ def build_preprocessing(
         label_mapping: stored label value -> class index (e.g. ``{"4": 3}`` for BraTS 2021).
         num_samples: 3D training patches per volume.
         image_key, label_key: dictionary keys.
+        augmentation: training augmentation, one of ``AUGMENTATIONS`` (:func:`augmentation_transforms`); other
+            stages ignore it.
     """
     if stage not in ("train", "validate", "infer", "evaluate"):
         raise ValueError(f"stage must be train, validate, infer or evaluate, got {stage!r}.")
@@ -309,22 +442,12 @@ def build_preprocessing(
         xforms.append(Resized(geo_keys, spatial_size=list(patch_size), mode=["area", "nearest"][: len(geo_keys)]))
     if stage == "train":
         if spatial_dims == 3:
-            xforms += [
-                SpatialPadd(geo_keys, spatial_size=list(patch_size)),
-                RandCropByPosNegLabeld(geo_keys, label_key, list(patch_size), pos=1, neg=1, num_samples=num_samples),
-            ]
-        xforms += [RandFlipd(geo_keys, prob=0.5, spatial_axis=a) for a in range(spatial_dims)]
-        if spatial_dims == 2:
-            xforms += [
-                RandRotate90d(geo_keys, prob=0.5),
-                RandAffined(geo_keys, prob=0.3, rotate_range=0.26, scale_range=0.1, mode=interp, padding_mode="zeros"),
-            ]
-        xforms += [
-            RandScaleIntensityd(image_key, factors=0.1, prob=0.5),
-            RandShiftIntensityd(image_key, offsets=0.1, prob=0.5),
-        ]
-    pipeline = Compose(xforms)
-    # what the pipeline's output depends on: names the on-disk cache of its deterministic part (data.cache)
+            xforms.append(SpatialPadd(geo_keys, spatial_size=list(patch_size)))
+        xforms += augmentation_transforms(spatial_dims, augmentation, patch_size, num_samples, image_key, label_key)
+    # lazy=None: each transform's own setting, so that only the lazily resampled block of "nnunet" (3D) runs lazily
+    pipeline = Compose(xforms, lazy=None)
+    # what the pipeline's deterministic part depends on: names its on-disk cache (data.cache). The random part that
+    # follows (augmentation, num_samples) is left out, so that changing it keeps the cache (tested: the same prefix)
     pipeline.settings = {
         "spatial_dims": spatial_dims, "stage": stage, "patch_size": [int(v) for v in patch_size],
         "num_classes": int(num_classes), "normalization": normalization,
