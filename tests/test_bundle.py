@@ -500,3 +500,18 @@ def test_the_dataset_cache_trains_the_same_weights_and_disk_caches_under_bundle_
     for cache in ("memory", "disk"):
         for name, value in weights["none"].items():
             assert torch.equal(value, weights[cache][name]), (cache, name)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_augmentation_option_reaches_the_training_pipeline(tmp_path, spatial_dims):
+    """train.json's ``augmentation`` picks the training pipeline's random part (nnU-Net's here) and trains."""
+    size = [32, 32] if spatial_dims == 2 else [16, 16, 16]
+    write_synthetic_dataset(tmp_path / "data", 4, (40, 36) if spatial_dims == 2 else (20, 18, 16), seed=22)
+    dims = {} if spatial_dims == 2 else {"spatial_dims": 3, "in_channels": 3, "normalization": "zscore"}
+    one_epoch = {**TRAIN_2D, "max_epochs": 1, "val_interval": 100, "patch_size": size}
+    wf = run_workflow("train", "train", tmp_path, **one_epoch, augmentation="nnunet", **dims)
+    names = {type(t).__name__ for t in wf.parser.get_parsed_content("train#preprocessing").transforms}
+    assert {"RandGaussianNoised", "RandAdjustContrastd", "RandSimulateLowResolutiond"} <= names
+    assert "RandShiftIntensityd" not in names  # default's
+    trainer = load_checkpoint(latest_checkpoint(tmp_path / "models"))["trainer"]
+    assert trainer["iteration"] == trainer["epoch_length"] > 0
