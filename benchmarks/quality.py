@@ -3,7 +3,8 @@
 
 Both models train for the same wall-clock budget (``--minutes``; or the same number of epochs, ``--epochs``, where
 the machine's speed varies between runs) on the same training cases with the same
-augmentation (``build_preprocessing(stage="train")``), and are scored on a FIXED held-out split at the images'
+augmentation (``--augmentation``, default the bundle's: ``build_preprocessing(stage="train", augmentation=...)``),
+and are scored on a FIXED held-out split at the images'
 ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same metric code
 (``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
 
@@ -37,6 +38,7 @@ Example::
     python benchmarks/quality.py --minutes 30 --ablations none,sa,usa,usa+ssformer_nofilter,usa+ssformer
     python benchmarks/quality.py --minutes 10 --skip-medsegdiff                         # the baseline alone
     python benchmarks/quality.py --epochs 15 --lr-floor 1                               # equal iterations, constant lr
+    python benchmarks/quality.py --minutes 10 --augmentation nnunet --output runs/quality_nnunet  # nnU-Net's DA
     python benchmarks/quality.py --smoke --output /tmp/quality_smoke                   # CPU, < 90 s
 
 A command killed partway (e.g. at a 10-minute command limit) loses at most the epoch in progress: the same command
@@ -252,6 +254,9 @@ def lr_schedule(floor: float, epochs: int | None = None) -> str:
 # records: bf16 and fp32 scored one model alike (Dice 0.8425 against 0.8428, speed_cpu-2c_2026-11-27.json), so a
 # model trained on a GPU is still scored on a CPU without bf16
 _NOT_TRAINING_SETTINGS = ("dataset_dir", "datalist", "num_workers", "amp")
+# settings that joined the stamps later, with the value every model stamped before them was trained with: a stamp
+# without one reads as that value, so that those folders still resume and refuse another
+_LATER_SETTINGS = {"augmentation": "default"}
 
 
 def check_training_settings(root: Path, settings: dict) -> None:
@@ -268,6 +273,7 @@ def check_training_settings(root: Path, settings: dict) -> None:
     if stamp.is_file():
         # stamps written before a key joined _NOT_TRAINING_SETTINGS may hold it
         recorded = {k: v for k, v in read_json(stamp).items() if k not in _NOT_TRAINING_SETTINGS}
+        recorded = {**{k: v for k, v in _LATER_SETTINGS.items() if k in wanted}, **recorded}
         changed = {k: {"trained with": recorded.get(k), "asked for": wanted.get(k)}
                    for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)}
         if changed:
@@ -529,6 +535,7 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
                                    "iterations_per_epoch": args.iterations_per_epoch, "lr": args.baseline_lr,
                                    "seed": args.seed, "topology": topology, "num_cases": len(train_cases),
                                    "lr_schedule": lr_schedule(args.lr_floor, args.epochs),
+                                   "augmentation": args.augmentation,
                                    **({"epochs": args.epochs} if args.epochs else {})})
     final, ckpt_path = root / "model.pt", root / "checkpoint.pt"
     state = read_json(root / "train_state.json")
@@ -543,7 +550,8 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         epoch, elapsed = int(ck["epoch"]), float(ck["elapsed_min"])
-    pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD)
+    pre = build_preprocessing(2, "train", [args.size, args.size], NUM_CLASSES, "rgb", label_threshold=LABEL_THRESHOLD,
+                              augmentation=args.augmentation)
     dataset = build_dataset(train_cases, pre, "memory", num_workers=args.num_workers)
     # the bundle's dataset (2D: loaded and resized cases cached in memory, built before the clock starts, as the
     # bundle builds its own) and loader: the same epoch definition (--iterations-per-epoch), pinned batches copied
@@ -624,6 +632,7 @@ def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, d
 
 # -------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
+    from medsegdiff_bundle.data.transforms import AUGMENTATIONS
     from medsegdiff_bundle.engine.fastpath import COMPILE_MODES
     from medsegdiff_bundle.networks import CONDITION_BACKBONES
 
@@ -640,6 +649,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "that hour")
     p.add_argument("--size", type=int, default=256, help="patch size (images are resized to size x size)")
     p.add_argument("--batch-size", type=int, default=8, help="both models")
+    p.add_argument("--augmentation", choices=AUGMENTATIONS, default="default",
+                   help="training augmentation of both models (the bundle's augmentation option; nnunet: nnU-Net v2's "
+                        "default one)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--iterations-per-epoch", type=int, default=None,
                    help="fixed-length epochs for both models (the bundle's iterations_per_epoch; default one pass)")
@@ -769,7 +781,7 @@ def main(argv=None) -> int:
               "condition_channels": list(args.condition_channels) if args.condition_channels else None,
               "condition_backbone": args.condition_backbone}
     train_extra = {"datalist": str(train_dl), "fold": 0, "max_epochs": args.epochs or 100_000,
-                   "batch_size": args.batch_size,
+                   "batch_size": args.batch_size, "augmentation": args.augmentation,
                    "learning_rate": args.lr, "iterations_per_epoch": args.iterations_per_epoch,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
                    **({"x0_dice_weight": args.x0_dice_weight} if args.x0_dice_weight is not None else {}),
@@ -797,6 +809,7 @@ def main(argv=None) -> int:
         "split": {"rule": SPLIT_RULE, "file": str(SPLIT_FILE.relative_to(_ROOT)), "num_train": len(train_ids),
                   "num_validation": len(val_ids), "num_test": len(test_ids)},
         "size": args.size,
+        "augmentation": args.augmentation,
         "train_minutes_budget": training_budget(args),
         "train_epochs": args.epochs,
         "sampler": args.sampler,
@@ -960,7 +973,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"device {result['device']}; test cases {len(test_ids)} (original resolution); budget "
-          f"{f'{args.epochs} epochs' if args.epochs else f'{args.minutes} min'}")
+          f"{f'{args.epochs} epochs' if args.epochs else f'{args.minutes} min'}; augmentation {args.augmentation}")
     print(f"{'model':<44}{'Dice':>8}{'IoU':>8}{'HD95 px':>10}{'train min':>11}")
     if msd is not None:
         blend = f", anchor {result['anchor_weight']:g}" if result["anchor_weight"] > 0 else ""

@@ -52,6 +52,26 @@ def test_the_training_stamp_ignores_the_shared_precision_but_not_the_settings(tm
         quality.check_training_settings(tmp_path, {"lr": 2e-3, "amp": False})
 
 
+def test_a_model_resumes_only_with_the_augmentation_it_was_trained_with(tmp_path, capsys):
+    """--augmentation is part of both models' training stamps: a folder trained with one is not resumed or scored
+    under another, and a stamp written before the option (none recorded) stands for the bundle's default."""
+    quality = _load_script()
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "training.json").write_text(json.dumps({"lr": 1e-3}), encoding="utf-8")
+    quality.check_training_settings(old, {"lr": 1e-3, "augmentation": "default"})
+    with pytest.raises(SystemExit, match=r"'augmentation': \{'trained with': 'default', 'asked for': 'nnunet'\}"):
+        quality.check_training_settings(old, {"lr": 1e-3, "augmentation": "nnunet"})
+    quality.check_training_settings(new, {"lr": 1e-3, "augmentation": "nnunet"})
+    assert json.loads((new / "training.json").read_text(encoding="utf-8"))["augmentation"] == "nnunet"
+    with pytest.raises(SystemExit, match=r"'augmentation': \{'trained with': 'nnunet', 'asked for': 'default'\}"):
+        quality.check_training_settings(new, {"lr": 1e-3, "augmentation": "default"})
+    assert quality.parse_args([]).augmentation == "default"
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--augmentation", "heavy"])
+    assert "--augmentation: invalid choice: 'heavy'" in capsys.readouterr().err
+
+
 def test_precision_is_the_devices_unless_asked(monkeypatch):
     """--precision auto follows bf16_is_fast (fp32 in --smoke); bf16 and fp32 are taken as asked, smoke or not."""
     import torch
@@ -433,15 +453,16 @@ def test_lr_floor_reaches_the_bundle_schedule_and_the_training_stamp(tmp_path, m
 @pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason="Kvasir-SEG not in ../shared/data")
 def test_epochs_train_both_models_that_long_whatever_the_minutes(tmp_path):
     """--epochs replaces the time budget: both models train exactly that many epochs (a --minutes far too short to
-    reach them is ignored), each learning rate anneals over them to --lr-floor, and the stamps and the result say so."""
+    reach them is ignored), each learning rate anneals over them to --lr-floor, and the stamps and the result say so.
+    Both train with nnU-Net's augmentation here, which the stamps and the result record too."""
     import torch
 
     from medsegdiff_bundle.engine import cosine_annealed, latest_checkpoint, load_checkpoint
 
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(tmp_path), "--epochs", "3",
                            "--minutes", "0.0001", "--iterations-per-epoch", "1", "--lr-floor", "0.1", "--steps", "1",
-                           "--ensemble", "1", "--no-mirror"], cwd=REPO, capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", timeout=600)
+                           "--ensemble", "1", "--no-mirror", "--augmentation", "nnunet"], cwd=REPO,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads(next(tmp_path.glob("quality_*.json")).read_text(encoding="utf-8"))
     assert res["train_epochs"] == 3 and res["train_minutes_budget"] is None and res["iterations_medsegdiff"] == 3
@@ -456,3 +477,5 @@ def test_epochs_train_both_models_that_long_whatever_the_minutes(tmp_path):
     for model in ("medsegdiff", "dynunet"):
         stamp = json.loads((tmp_path / model / "training.json").read_text(encoding="utf-8"))
         assert stamp["minutes"] is None and stamp["lr_schedule"] == "cosine to 0.1 over the 3 epochs", stamp
+        assert stamp["augmentation"] == "nnunet"
+    assert res["augmentation"] == res["settings"]["augmentation"] == "nnunet"
