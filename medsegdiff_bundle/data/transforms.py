@@ -291,9 +291,9 @@ def _nnunet_spatial(spatial_dims: int, crop: list, image_key: str, label_key: st
     instead of the zeros that transforming the cropped patch leaves; only beyond the volume's border is it zero
     padded. The ``overrides`` name each key's interpolation because MONAI 1.6's lazy resampling drops the
     transforms' own ``mode`` (MONAI issue 6850: labels came out interpolated), and keep float32, so that the whole
-    volume is not copied to float64 for each patch. 2D images are resized whole, so there is nothing around them to
-    show (zero padding, as nnU-Net's on a whole image), and they are transformed one transform at a time (MONAI 1.6's
-    lazy 2D transforms that do not fire leave a 3D identity that the next one cannot be combined with).
+    volume is not copied to float64 for each patch. 2D images are resized whole (nothing around them to show) and
+    transformed one transform at a time: MONAI 1.6's lazy 2D transforms that do not fire leave a 3D identity that
+    the next one cannot be combined with.
     """
     keys = [image_key, label_key]
     angle = math.pi if spatial_dims == 2 else math.pi / 6
