@@ -15,7 +15,8 @@
 # (100: both models), DDPM_CASES (5: DDPM-1000 takes about 1000 x 25 ms per case eagerly), EVAL_COMPILE_MODE
 # (reduce-overhead: the sampling of quality passes 2 and 3; empty: eager), TRAJECTORY_CASES (30: Dice after every
 # sampler step, next to the anchor's), QUALITY_EXTRA (more quality.py arguments for all passes, e.g. --skip-baseline
-# when a session's device time allows MedSegDiff-V2 alone), WHEEL_DIR (.whl).
+# when a session's device time allows MedSegDiff-V2 alone), KEEP_WEIGHTS (0; 1: bring the trained diffusion model's
+# EMA weights back even when it was scored, three files), WHEEL_DIR (.whl).
 set -uo pipefail
 
 STAGES=("$@")
@@ -150,9 +151,11 @@ quality() {  # both models for QUALITY_MINUTES each, scored on the fixed test sp
     # pass 1 without the DDPM comparison, so that the main result is written even if the DDPM pass is cut short
     run_step quality "$(left "$deadline")" "$OUT/quality.log" \
         python3 benchmarks/quality.py "${common[@]}" --out "$OUT/quality.json"
-    # cut short after the diffusion model's training (the fifth session lost its evaluation so): bring its EMA
-    # weights back in parts under the tool's 16 MiB per file, to be scored on the CPU here (device/README.md)
-    if [ ! -s "$OUT/quality.json" ] && grep -qs '"done": true' "$root/medsegdiff/train_state.json"; then
+    # cut short after the diffusion model's training (the fifth session lost its evaluation so), or asked for with
+    # KEEP_WEIGHTS=1 (to study the trained model on the CPU here: its training cases, its failures): bring its EMA
+    # weights back in parts under the tool's 16 MiB per file (device/README.md)
+    if { [ ! -s "$OUT/quality.json" ] || [ "${KEEP_WEIGHTS:-0}" = 1 ]; } &&
+        grep -qs '"done": true' "$root/medsegdiff/train_state.json"; then
         python3 benchmarks/device/weights.py split "$root/medsegdiff" "$OUT" || echo "weights: split failed" >&2
     fi
     # the baseline alone (a session of its own at a long budget): passes 2 and 3 are about the diffusion model
