@@ -2,11 +2,10 @@
 """Quality benchmark on Kvasir-SEG: MedSegDiff-V2 (through the bundle) vs a MONAI DynUNet (nnU-Net-like) baseline.
 
 Both models train for the same wall-clock budget (``--minutes``; or the same number of epochs, ``--epochs``, where
-the machine's speed varies between runs) on the same training cases with the same
-augmentation (``--augmentation``, default the bundle's: ``build_preprocessing(stage="train", augmentation=...)``),
-and are scored on a FIXED held-out split at the images'
-ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same metric code
-(``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
+the machine's speed varies between runs) on the same training cases with the same augmentation (``--augmentation``,
+default the bundle's: ``build_preprocessing(stage="train", augmentation=...)``), and are scored on a FIXED held-out
+split at the images' ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same
+metric code (``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
 
 The split is ``benchmarks/splits/kvasir_seg_split.json``: sort the case ids present locally (image stems with a mask),
 every 5th one (index % 5 == 0) is a test case, the rest train; of the training ids, every 20th (index % 20 == 0) is
