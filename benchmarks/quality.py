@@ -178,9 +178,8 @@ def summarize(metrics_csv: Path) -> dict:
 
 
 def paired_difference(reference_csv: Path, other_csv: Path, metric: str = "dice") -> dict:
-    """``other − reference`` per test case (each case's mean over classes), for two evaluations of the same cases: the
-    mean, its standard error, the median and how many cases each side wins, so that a gap between two samplers or
-    two variants can be read against the case-to-case spread.
+    """``other − reference`` per test case (each case's mean over classes), for two evaluations of the same cases
+    (:func:`paired_stats`).
 
     Raises:
         SystemExit: the two evaluations scored different cases (the message names both files).
@@ -188,9 +187,24 @@ def paired_difference(reference_csv: Path, other_csv: Path, metric: str = "dice"
     import pandas as pd
 
     ref, other = (pd.read_csv(f).groupby("case")[metric].mean() for f in (reference_csv, other_csv))
-    if set(ref.index) != set(other.index):
-        raise SystemExit(f"error: {reference_csv} and {other_csv} scored different cases; cannot pair them.")
-    diff = other - ref.loc[other.index]
+    return paired_stats(ref, other, metric, (str(reference_csv), str(other_csv)))
+
+
+def paired_stats(reference, other, metric: str, names: tuple[str, str]) -> dict:
+    """``other − reference`` per case: the mean, its standard error, the median and how many cases each side wins,
+    so that a gap between two samplers, variants or runs can be read against the case-to-case spread.
+
+    Args:
+        reference, other: ``pandas.Series``, case id -> score, over the same cases.
+        metric: the score's name, recorded in the result.
+        names: where the two come from, for the error message.
+
+    Raises:
+        SystemExit: the two scored different cases.
+    """
+    if set(reference.index) != set(other.index):
+        raise SystemExit(f"error: {names[0]} and {names[1]} scored different cases; cannot pair them.")
+    diff = other - reference.loc[other.index]
     n = len(diff)
     return {"metric": metric, "cases": n, "mean": float(diff.mean()),
             "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),

@@ -397,3 +397,36 @@ def test_device_weights_come_back_in_parts_and_join_to_the_trained_ema(tmp_path)
     assert all(torch.equal(joined[k[len("module."):]], v) for k, v in ema.items() if k.startswith("module."))
     with pytest.raises(ValueError, match="already came"):
         weights.join([parts[0], parts[0]], tmp_path / "twice.pt")
+
+
+def test_pair_results_pairs_two_result_files_by_case_and_names_what_cannot_be_paired(tmp_path):
+    """Two runs' ``dice_per_case`` give the per-case difference (other − reference), whichever model entry each
+    file contributes; a file without per-case Dice, or runs over different cases, are refused naming the file."""
+    script = ROOT / "benchmarks" / "pair_results.py"
+    reference = {"medsegdiff": {"dice_per_case": {"a": 0.5, "b": 0.9, "c": 0.8, "d": 0.7}}}
+    other = {"baseline": {"dice_per_case": {"d": 0.7, "c": 0.6, "b": 0.95, "a": 0.8}}, "medsegdiff": {"dice": 0.8}}
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    proc = run(tmp_path / "ref.json", tmp_path / "other.json", "--models", "medsegdiff", "baseline",
+               "--out", tmp_path / "pair.json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((tmp_path / "pair.json").read_text())["other_minus_reference"]
+    diffs = [0.3, 0.05, -0.2, 0.0]  # a, b, c, d, matched by case id, not by order
+    mean = sum(diffs) / 4
+    assert stats["mean"] == pytest.approx(mean)
+    assert stats["standard_error"] == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4))
+    assert stats["median"] == pytest.approx(0.025) and (stats["cases_higher"], stats["cases_lower"]) == (2, 1)
+    assert "higher on 2 cases, lower on 1" in proc.stdout
+
+    means_only = run(tmp_path / "ref.json", tmp_path / "other.json")  # other.json's medsegdiff has a mean only
+    assert means_only.returncode != 0
+    assert f"{tmp_path / 'other.json'} has no medsegdiff.dice_per_case" in means_only.stderr
+    other["baseline"]["dice_per_case"].pop("d")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    fewer = run(tmp_path / "ref.json", tmp_path / "other.json", "--models", "medsegdiff", "baseline")
+    assert fewer.returncode != 0 and "scored different cases" in fewer.stderr and "Traceback" not in fewer.stderr
