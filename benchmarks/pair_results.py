@@ -17,7 +17,6 @@ each side wins (``quality.paired_stats``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -36,11 +35,13 @@ def per_case(path: Path, model: str):
     """
     import pandas as pd
 
+    from medsegdiff_bundle.utils import read_json_object
+
     try:
-        result = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: cannot read the result file {path}: {e}") from None
-    cases = (result.get(model) or {}).get("dice_per_case") if isinstance(result, dict) else None
+        result = read_json_object(path, "result file")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    cases = (result.get(model) or {}).get("dice_per_case")
     if not isinstance(cases, dict) or not cases:
         raise SystemExit(f"error: {path} has no {model}.dice_per_case (results written before quality.py kept "
                          "each case's Dice hold means only and cannot be paired by case).")
