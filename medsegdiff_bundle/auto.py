@@ -4,6 +4,11 @@ Every stage writes its result into ``output`` and is skipped when that result is
 ``fingerprint.json``, ``plans.json`` + ``bundle_overrides.json``, the training checkpoints in ``models/`` (training
 resumes from the newest one until ``auto_state.json`` records it finished), and ``eval/evaluation/metrics.csv``.
 Running the same command again after an interruption therefore continues instead of starting over.
+
+The evaluation of the validation fold also chooses nnU-Net's post-processing (keep the largest connected component
+where that raised the fold's Dice; :mod:`medsegdiff_bundle.evaluation.postprocessing`). The plan is copied to
+``models/postprocessing.json``, beside the weights it belongs to; ``medsegdiff infer --postprocessing_plan
+<output>/models/postprocessing.json`` applies it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import pandas as pd
 from .engine.handlers import latest_checkpoint
 from .engine.launch import launch_training
 from .engine.workflow import run_bundle
-from .utils import write_json_atomic
+from .evaluation.postprocessing import dice_under_plan
+from .utils import read_json_object, write_json_atomic
 
 __all__ = ["run_auto"]
 
@@ -114,5 +120,12 @@ def run_auto(
         summary.update({"dice_mean": float(per_case["dice"].mean()), "iou_mean": float(per_case["iou"].mean()),
                         "hd95_mean": float(table["hd95"].mean()), "cases_evaluated": int(len(per_case)),
                         "metrics": str(metrics_path)})
+        plan_path = metrics_path.with_name("postprocessing.json")
+        if plan_path.is_file():  # an evaluation of an earlier version may have none
+            plan = read_json_object(plan_path, "post-processing plan")
+            candidates = pd.read_csv(metrics_path.with_name("postprocessing_candidates.csv"))
+            model_plan = write_json_atomic(out / "models" / "postprocessing.json", plan)
+            summary.update({"dice_mean_postprocessed": float(dice_under_plan(candidates, plan).mean()),
+                            "postprocessing": {"steps": plan["steps"], "plan": str(model_plan)}})
     write_json_atomic(out / "auto_summary.json", summary)
     return summary

@@ -34,6 +34,12 @@ def test_auto_runs_every_stage_and_resumes_instead_of_repeating(tmp_path):
     assert plans["configuration"] == "2d" and set(plans["ddp"]) >= {"world_size", "per_gpu_batch", "grad_accum", "backend"}
     table = pd.read_csv(out / "eval" / "evaluation" / "metrics.csv")
     assert len(table) == 2 and summary["cases_evaluated"] == 2
+    # the validation fold's post-processing choice, beside the weights, and the Dice it gives there
+    plan = json.loads((out / "models" / "postprocessing.json").read_text(encoding="utf-8"))
+    assert plan == json.loads((out / "eval" / "evaluation" / "postprocessing.json").read_text(encoding="utf-8"))
+    assert summary["postprocessing"]["steps"] == plan["steps"]
+    assert summary["dice_mean_postprocessed"] == pytest.approx(plan["scores"]["dice_after"])
+    assert summary["dice_mean"] == pytest.approx(plan["scores"]["dice_before"])
     stamps = {p: p.stat().st_mtime_ns for p in (out / "fingerprint.json", out / "plans.json",
                                                 out / "models" / "model.pt")}
     again = run_auto(str(datalist), output=str(out), max_epochs=2, gpus=1, **QUICK)

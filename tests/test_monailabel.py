@@ -479,7 +479,21 @@ torch.save(bundle_parser("inference", root, overrides).get_parsed_content("netwo
 image = root / "data" / "images" / "case_0001.png"
 label_file, result = task({"image": str(image), "device": "cpu"})
 amp_task = MedSegDiffInferTask(root, {**overrides, "amp": True}, uncertainty_dir=root / "unc")
-print(json.dumps({"valid_before": before, "valid_after": task.is_valid(), "labels": task.labels,
+from monai.transforms import KeepLargestConnectedComponentd
+plan = root / "postprocessing.json"
+plan.write_text(json.dumps({"steps": [{"labels": [1, 2], "independent": False}]}))
+plan_task = MedSegDiffInferTask(root, {**overrides, "postprocessing_plan": str(plan)}, uncertainty_dir=root / "unc")
+kept = [list(t.converter.applied_labels) for t in plan_task.post_transforms({})
+        if isinstance(t, KeepLargestConnectedComponentd)]
+plan_label, _ = plan_task({"image": str(image), "device": "cpu"})
+try:
+    MedSegDiffInferTask(root, {**overrides, "postprocessing_plan": str(root / "absent.json")})
+    bad_plan = ""
+except FileNotFoundError as e:
+    bad_plan = str(e)
+print(json.dumps({"plan_steps": kept, "plan_label_shape": list(np.array(Image.open(plan_label)).shape),
+                  "default_steps": sum(isinstance(t, KeepLargestConnectedComponentd) for t in task.post_transforms({})),
+                  "bad_plan": bad_plan,"valid_before": before, "valid_after": task.is_valid(), "labels": task.labels,
                   "label_shape": list(np.array(Image.open(label_file)).shape),
                   "values": sorted(int(v) for v in np.unique(np.array(Image.open(label_file)))),
                   "image_shape": list(np.array(Image.open(image)).shape), "uncertainty": result["uncertainty"],
@@ -518,6 +532,11 @@ def test_infer_task_2d_png_and_missing_weights(tmp_path):
     assert out["default_mirror"] == ([0, 1] if out["config_mirror"] else [])
     # a CPU request runs bf16 only where the config allows it and this CPU computes bf16 natively
     assert out["cpu_amp_config_off"] is False and out["cpu_amp_config_on"] is out["cpu_bf16_is_fast"]
+    # a post-processing plan from the bundle's overrides: its steps run after the argmax; none by default; a plan
+    # file that is not there fails when the task is made, naming it
+    assert out["plan_steps"] == [[1, 2]] and out["default_steps"] == 0
+    assert out["plan_label_shape"] == [48, 40]
+    assert "absent.json" in out["bad_plan"]
 
 
 VENV_TRAIN_PLAN_SCRIPT = r"""

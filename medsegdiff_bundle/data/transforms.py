@@ -52,6 +52,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from ..evaluation.postprocessing import plan_transforms
 from ..evaluation.visualize import save_overlay
 from .datalist import output_name
 
@@ -468,6 +469,7 @@ def build_postprocessing(
     overlay: bool = True,
     invert: bool = True,
     data_root_dir: str | Path | None = None,
+    postprocessing_plan: str | Path | dict | None = None,
 ) -> Compose:
     """Post-processing of ``DiffusionSegInferer(return_uncertainty=True)`` output.
 
@@ -476,6 +478,9 @@ def build_postprocessing(
     ``output_dir`` is given) writes ``<case>_seg`` and ``<case>_uncertainty`` (PNG in 2D, NIfTI in 3D) and an overlay.
     With ``data_root_dir`` (:func:`~medsegdiff_bundle.data.datalist.output_root`: cases whose files share a name)
     each case's files go to its image's sub-folder of it, ``<output_dir>/<sub-folder>/<case>_seg``.
+    ``postprocessing_plan`` (a ``postprocessing.json`` that an evaluation of validation cases chose, or its dict;
+    :mod:`~medsegdiff_bundle.evaluation.postprocessing`) keeps the largest connected components it names, after the
+    argmax and before anything is written or scored.
     """
     keys = [pred_key, "uncertainty"]
     xforms: list = [SplitUncertaintyd(pred_key)]
@@ -483,7 +488,8 @@ def build_postprocessing(
         xforms.append(
             Invertd(keys + [image_key], transform=preprocessing, orig_keys=image_key, nearest_interp=False, to_tensor=True)
         )
-    xforms += [AsDiscreted(pred_key, argmax=True), MarkSingleChannelMapd(keys)]
+    xforms += [AsDiscreted(pred_key, argmax=True), *plan_transforms(postprocessing_plan, pred_key),
+               MarkSingleChannelMapd(keys)]
     if output_dir is not None:
         ext = ".png" if spatial_dims == 2 else ".nii.gz"
         common = {"output_dir": str(output_dir), "output_ext": ext, "resample": False, "separate_folder": False,

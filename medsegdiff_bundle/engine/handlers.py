@@ -14,7 +14,9 @@ from monai.utils import CommonKeys as Keys
 
 from ..data.datalist import output_name
 from ..evaluation.metrics import case_metrics, format_summary_markdown, summarize_metrics
+from ..evaluation.postprocessing import component_candidates, plan_summary, select_postprocessing
 from ..evaluation.visualize import save_training_curves
+from ..utils import write_json_atomic
 
 __all__ = [
     "TrainingCurvesHandler", "LoopTimingHandler", "MetricsTableHandler", "TimeBudgetHandler", "latest_checkpoint",
@@ -220,17 +222,27 @@ class MetricsTableHandler:
     Each output item needs ``pred`` (label map ``(1, *S)``) and ``label`` (``(1, *S)``) in the same geometry; the
     case name comes from the image's ``filename_or_obj`` (:func:`~medsegdiff_bundle.data.datalist.output_name`, with
     ``data_root_dir`` as the written label maps use it); HD95 uses the image's pixel spacing when known.
+
+    With ``postprocessing_candidates`` it also scores each case under the largest-component variants
+    (:func:`~medsegdiff_bundle.evaluation.postprocessing.component_candidates`) into
+    ``postprocessing_candidates.csv``, and writes ``postprocessing.json``: the plan those cases choose
+    (:func:`~medsegdiff_bundle.evaluation.postprocessing.select_postprocessing`). Apply that plan to other cases
+    only when these were validation cases (``evaluate.json``'s default fold); the candidates of test cases score
+    any plan on them without a second pass (:func:`~medsegdiff_bundle.evaluation.postprocessing.dice_under_plan`).
+    The candidates cost about 8 ms for a 620x530 image and 5 s for a 240x240x155 volume of 5 classes on one core.
     """
 
     def __init__(self, output_dir: str | Path, num_classes: int, class_names: list[str] | None = None,
                  pred_key: str = Keys.PRED, label_key: str = Keys.LABEL, image_key: str = Keys.IMAGE,
-                 data_root_dir: str | Path | None = None) -> None:
+                 data_root_dir: str | Path | None = None, postprocessing_candidates: bool = True) -> None:
         self.output_dir = Path(output_dir)
         self.data_root_dir = data_root_dir
         self.num_classes = num_classes
         self.class_names = class_names
         self.pred_key, self.label_key, self.image_key = pred_key, label_key, image_key
+        self.postprocessing_candidates = postprocessing_candidates
         self.tables: list[pd.DataFrame] = []
+        self.candidates: list[pd.DataFrame] = []
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -253,11 +265,11 @@ class MetricsTableHandler:
             spacing = None
             if "pixdim" in meta:
                 spacing = [float(s) for s in torch.as_tensor(meta["pixdim"])[1 : pred.ndim].tolist()]
-            table = case_metrics(
-                torch.as_tensor(pred)[None].long().cpu(), torch.as_tensor(label)[None].long().cpu(),
-                self.num_classes, [name], spacing, self.class_names,
-            )
-            self.tables.append(table)
+            pred, label = torch.as_tensor(pred).long().cpu(), torch.as_tensor(label).long().cpu()
+            self.tables.append(case_metrics(pred[None], label[None], self.num_classes, [name], spacing,
+                                            self.class_names))
+            if self.postprocessing_candidates:
+                self.candidates.append(component_candidates(pred, label, self.num_classes, name))
 
     def write(self, engine: Any = None) -> pd.DataFrame:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +280,12 @@ class MetricsTableHandler:
             summary = summarize_metrics(table)
             summary.to_csv(self.output_dir / "metrics_summary.csv", index=False)
             (self.output_dir / "metrics_summary.md").write_text(format_summary_markdown(summary) + "\n", encoding="utf-8")
+        if self.candidates:
+            candidates = pd.concat(self.candidates, ignore_index=True)
+            candidates.to_csv(self.output_dir / "postprocessing_candidates.csv", index=False)
+            plan = select_postprocessing(candidates)
+            write_json_atomic(self.output_dir / "postprocessing.json", plan)
+            logging.getLogger(__name__).info(f"post-processing these cases choose: {plan_summary(plan)}")
         return table
 
 

@@ -10,7 +10,8 @@ server runs exactly what ``medsegdiff infer`` runs:
   ``sampler``, ``steps``, ``ensemble``, ``seed``, ``anchor_weight`` and ``mirror`` (test-time mirroring along every
   spatial axis, or none) can be changed per request (MONAI Label ``params``);
 * post-processing: the bundle's ``build_postprocessing`` (split off the uncertainty channel, invert every
-  pre-processing step into the input's own geometry, argmax), then:
+  pre-processing step into the input's own geometry, argmax; the largest-component steps of the config's
+  ``postprocessing_plan`` when one is set), then:
 
   - the **label map** (class indices, ``uint8``) is what MONAI Label's writer returns, in the input's size and
     affine (``.nii.gz`` for NIfTI inputs);
@@ -41,6 +42,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
+from ..evaluation.postprocessing import load_postprocessing_plan
 from ..diffusion.schedulers import SAMPLERS
 from ..engine.fastpath import bf16_is_fast
 from ..engine.inferer import DiffusionSegInferer
@@ -183,6 +185,9 @@ class MedSegDiffInferTask(BasicInferTask):
         self.preprocessing = p("preprocessing", instantiate=True)
         network = p("network_def", instantiate=True)
         class_names = p("class_names") if "class_names" in self.parser.config else None
+        # read once here, so that a bad plan file fails at start-up, naming the file, not at the first request
+        plan = p("postprocessing_plan") if "postprocessing_plan" in self.parser.config else None
+        self.postprocessing_plan = {"steps": load_postprocessing_plan(plan)}
         channel_def = self.parser.get("_meta_#network_data_format#outputs#pred#channel_def")
         labels = class_labels(self.num_classes, class_names, channel_def)
         sampler = str(p("sampler"))
@@ -252,7 +257,8 @@ class MedSegDiffInferTask(BasicInferTask):
 
     def post_transforms(self, data: Mapping | None = None) -> Sequence[Callable]:
         post = build_postprocessing(self.preprocessing, None, self.spatial_dims, pred_key=self.output_label_key,
-                                    image_key=self.input_key, overlay=False)
+                                    image_key=self.input_key, overlay=False,
+                                    postprocessing_plan=self.postprocessing_plan)
         return list(post.transforms) + [
             SaveUncertaintyd(self.uncertainty_dir, UNCERTAINTY_KEY, self.uncertainty_kind, self.output_json_key),
             SqueezeLabeld(self.output_label_key),
