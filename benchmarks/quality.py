@@ -2,10 +2,11 @@
 """Quality benchmark on Kvasir-SEG: MedSegDiff-V2 (through the bundle) vs a MONAI DynUNet (nnU-Net-like) baseline.
 
 Both models train for the same wall-clock budget (``--minutes``; or the same number of epochs, ``--epochs``, where
-the machine's speed varies between runs) on the same training cases with the same augmentation (``--augmentation``,
-default the bundle's: ``build_preprocessing(stage="train", augmentation=...)``), and are scored on a FIXED held-out
-split at the images' ORIGINAL resolution (prediction inverted from ``--size`` back to the input size) with the same
-metric code (``MetricsTableHandler`` -> ``case_metrics``: Dice, IoU, HD95 in pixels).
+the machine's speed varies between runs) on the same training cases (the validation fold left out of both) with the
+same augmentation (``--augmentation``, default the bundle's: ``build_preprocessing(stage="train",
+augmentation=...)``), and are scored on a FIXED held-out split at the images' ORIGINAL resolution (prediction
+inverted from ``--size`` back to the input size) with the same metric code (``MetricsTableHandler`` ->
+``case_metrics``: Dice, IoU, HD95 in pixels).
 
 The split is ``benchmarks/splits/kvasir_seg_split.json``: sort the case ids present locally (image stems with a mask),
 every 5th one (index % 5 == 0) is a test case, the rest train; of the training ids, every 20th (index % 20 == 0) is
@@ -16,10 +17,12 @@ Outputs (everything under ``--output``, default ``runs/quality``; rerunning skip
 training resumes from its last checkpoint with the rest of the budget):
 
 * ``datalist_train.json`` (fold 0 = validation, fold 1 = training; no test case), ``datalist_test.json``;
-* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation_mirror/metrics.csv``; with ``--compare-ddpm`` also
-  ``eval/ddpm_mirror/cases_<first>-<last>/`` per part and ``eval/fast_first<N>_mirror/``), ``dynunet/``
-  (``model.pt``, ``mirror/metrics.csv``) and ``ablation_<variant>/`` when asked for; with ``--no-mirror`` the
-  folders without ``_mirror`` / ``mirror/``;
+* ``medsegdiff/`` (bundle root: ``models/``, ``eval/evaluation_mirror/metrics.csv``, the validation fold's
+  ``eval/evaluation_mirror_validation/``; with ``--compare-ddpm`` also ``eval/ddpm_mirror/cases_<first>-<last>/``
+  per part and ``eval/fast_first<N>_mirror/``), ``dynunet/`` (``model.pt``, ``mirror/metrics.csv``,
+  ``validation/mirror/``) and ``ablation_<variant>/`` when asked for; with ``--no-mirror`` the folders without
+  ``_mirror`` / ``mirror/``; every evaluation folder also holds ``postprocessing_candidates.csv`` and
+  ``postprocessing.json`` (``MetricsTableHandler``);
 * the result JSON, by default ``benchmarks/results/quality_<device>_<date>.json`` (``--smoke``: under ``--output``).
 
 Each ``--ablations`` variant trains with the same budget and settings as the main model, which stands in for its own
@@ -29,7 +32,10 @@ change what conditions the denoiser. Each is paired by case against the main mod
 
 Both models are scored with their FINAL weights after the budget (MedSegDiff: the EMA weights of the last
 checkpoint), so the validation fold never selects a model, and both with test-time mirroring along both image axes
-as the bundle infers (``--no-mirror``: without).
+as the bundle infers (``--no-mirror``: without). What the validation fold can choose (``--postprocessing select``)
+is nnU-Net's post-processing, for each model its own: whether keeping only the largest connected component raises
+the fold's mean Dice. The test scores with that step are reported under ``postprocessing``, beside the plain ones,
+which stay the headline so that runs before it compare.
 
 Example::
 
@@ -72,6 +78,8 @@ SPLIT_RULE = (
 )
 LABEL_THRESHOLD = 127
 NUM_CLASSES = 2
+# what MetricsTableHandler writes beside metrics.csv: each case's Dice under the largest-component variants
+CANDIDATES_CSV = "postprocessing_candidates.csv"
 # the image axes that test-time mirroring flips (unless --no-mirror): both, as the training augmentation does
 MIRROR_AXES = (0, 1)
 
@@ -209,6 +217,31 @@ def paired_stats(reference, other, metric: str, names: tuple[str, str]) -> dict:
     return {"metric": metric, "cases": n, "mean": float(diff.mean()),
             "standard_error": float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
             "median": float(diff.median()), "cases_higher": int((diff > 0).sum()), "cases_lower": int((diff < 0).sum())}
+
+
+def postprocessing_result(validation: dict, test: dict) -> dict:
+    """nnU-Net's largest-component post-processing for one model: chosen on its evaluation of the validation fold,
+    scored on its test evaluation from that evaluation's candidate table, so the test cases are not sampled again.
+
+    Args:
+        validation, test: :func:`summarize` results of the two evaluations (their ``metrics_csv`` sits beside the
+            ``postprocessing_candidates.csv`` that ``MetricsTableHandler`` wrote).
+
+    Returns:
+        the plan's ``steps`` and, as ``validation``, its ``scores``
+        (:func:`~medsegdiff_bundle.evaluation.select_postprocessing`), the test ``dice`` with the plan and its
+        ``dice_per_case``, and ``minus_raw``: the per-case change on test.
+    """
+    import pandas as pd
+
+    from medsegdiff_bundle.evaluation import dice_under_plan, select_postprocessing
+
+    val_table, test_table = (pd.read_csv(Path(r["metrics_csv"]).with_name(CANDIDATES_CSV)) for r in (validation, test))
+    plan = select_postprocessing(val_table)
+    raw, processed = dice_under_plan(test_table, {"steps": []}), dice_under_plan(test_table, plan)
+    return {"steps": plan["steps"], "validation": plan["scores"], "dice": float(processed.mean()),
+            "dice_per_case": {str(c): round(float(d), 5) for c, d in processed.items()},
+            "minus_raw": paired_stats(raw, processed, "dice", ("raw", "post-processed"))}
 
 
 def write_datalists(out: Path, data: Path, train: list[str], val: list[str], test: list[str]) -> tuple[Path, Path]:
@@ -395,7 +428,9 @@ def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: d
     metrics, stamp = out_dir / "metrics.csv", out_dir / "sampling.json"
     wanted = {k: v for k, v in sorted(eval_extra.items()) if k not in _SPEED_ONLY}
     unmirrored = {"mirror_axes": []}  # what an evaluation recorded before test-time mirroring existed did
-    if not (metrics.is_file() and stamp.is_file() and {**unmirrored, **read_json(stamp)} == {**unmirrored, **wanted}):
+    # an evaluation finished before the candidate table existed is run again for it (post-processing needs it)
+    done = metrics.is_file() and (out_dir / CANDIDATES_CSV).is_file() and stamp.is_file()
+    if not (done and {**unmirrored, **read_json(stamp)} == {**unmirrored, **wanted}):
         metrics.unlink(missing_ok=True)
         run_bundle("evaluate", "infer", root, datalist=str(test_dl), fold=0, ckpt_path=str(final_ema_weights(root)),
                    output_dir=str(out_dir), save_overlay=False, **settings, **eval_extra)
@@ -602,10 +637,11 @@ def train_dynunet(root: Path, train_cases: list[dict], args, topology: dict, dev
     return elapsed
 
 
-def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, device) -> dict:
-    """Predict at ``--size`` (the mean logits over the four mirrorings, into ``root/mirror``; with ``--no-mirror``
-    the plain prediction, into ``root``), invert the probabilities to the original size exactly as the bundle does
-    (``Invertd`` on the evaluate pre-processing), argmax, and score with ``MetricsTableHandler``."""
+def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, device, folder: str = "") -> dict:
+    """Predict at ``--size`` (the mean logits over the four mirrorings, into ``root/<folder>/mirror``; with
+    ``--no-mirror`` the plain prediction, into ``root/<folder>``), invert the probabilities to the original size
+    exactly as the bundle does (``Invertd`` on the evaluate pre-processing), argmax, and score with
+    ``MetricsTableHandler`` (which also writes the post-processing candidates)."""
     import torch
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator
@@ -620,9 +656,9 @@ def evaluate_dynunet(root: Path, test_cases: list[dict], args, topology: dict, d
         def __call__(self, inputs, network, *args, **kwargs):
             return mirrored_mean(lambda x: network(x, *args, **kwargs), inputs, MIRROR_AXES)
 
-    out_dir = root / "mirror" if args.mirror else root
+    out_dir = root / folder / "mirror" if args.mirror else root / folder
     metrics = out_dir / "metrics.csv"
-    if not metrics.is_file():
+    if not (metrics.is_file() and (out_dir / CANDIDATES_CSV).is_file()):
         net = make_dynunet(topology).to(device)
         net.load_state_dict(torch.load(root / "model.pt", map_location=device, weights_only=True))
         net.eval()
@@ -686,6 +722,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bundle's inference does: MedSegDiff-V2's ensemble members see mirrored views "
                         "(DiffusionSegInferer mirror_axes), DynUNet averages its logits over the four mirrorings (as "
                         "nnU-Net predicts). Each setting is evaluated into folders of its own ('_mirror' when on)")
+    p.add_argument("--postprocessing", choices=("none", "select"), default="none",
+                   help="select: each model also predicts the validation fold, which chooses nnU-Net's largest-"
+                        "connected-component step for it (medsegdiff_bundle.evaluation.select_postprocessing); its "
+                        "test Dice with that step is reported beside the plain one (result key postprocessing). Off "
+                        "by default: on Kvasir-SEG the step lowered the test Dice of the models measured so far "
+                        "(benchmarks/FINDINGS.md), and the validation predictions cost device time")
     p.add_argument("--val-interval", type=int, default=10, help="bundle validation interval (epochs)")
     p.add_argument("--lr", type=float, default=1e-4, help="MedSegDiff-V2 AdamW learning rate (the bundle's default)")
     p.add_argument("--lr-floor", type=float, default=LR_FLOOR,
@@ -835,6 +877,17 @@ def main(argv=None) -> int:
         "settings": {k: v for k, v in vars(args).items()},
     }
 
+    if args.out:
+        out_json = Path(args.out)
+    elif args.smoke:
+        out_json = out / f"quality_{device_slug(device)}_{result['date']}.json"
+    else:
+        from medsegdiff_bundle.utils import unused_path
+
+        # a second run on the same day must not replace the committed results of the first
+        name = f"quality_{device_slug(device)}_{result['date']}.json"
+        out_json = unused_path(_ROOT / "benchmarks" / "results" / name)
+
     # (a) MedSegDiff-V2 through the bundle
     main_variant = {"anchor": "usa", "semantic": "ssformer"}
     msd_root = out / "medsegdiff"
@@ -874,8 +927,11 @@ def main(argv=None) -> int:
 
         base_root = out / "dynunet"
         base_root.mkdir(parents=True, exist_ok=True)
-        # the baseline trains on every training case (the validation fold included: it never selects a model)
-        base_minutes = train_dynunet(base_root, cases(train_ids), args, topology, device, common["amp"])
+        # the same training cases as MedSegDiff-V2: the validation fold stays out, for the post-processing choice
+        # (before 0.10.0 the baseline also trained on it, 494 cases against 469)
+        val_set = set(val_ids)
+        base_minutes = train_dynunet(base_root, cases([c for c in train_ids if c not in val_set]), args, topology,
+                                     device, common["amp"])
         base = evaluate_dynunet(base_root, cases(test_ids), args, topology, device)
         result.update({"dice_baseline": base["dice"], "iou_baseline": base["iou"], "hd95_baseline": base["hd95"],
                        "train_minutes_baseline": base_minutes, "baseline": {"model": "monai DynUNet", **topology,
@@ -883,6 +939,28 @@ def main(argv=None) -> int:
         # a folder finished before the iterations were recorded has none (null)
         state = read_json(base_root / "train_state.json")
         result.update({"iterations_baseline": state.get("iterations"), "epochs_baseline": state.get("epochs")})
+    # the headline scores are in: a command killed during the stages below (a GPU session's command limit) keeps them
+    write_json(out_json, {**result, "partial": "written before post-processing and the optional stages; the end "
+                                               "of the run rewrites this file without this key"})
+    if args.postprocessing == "select":
+        # nnU-Net's step, each model's own, chosen on its validation-fold predictions; the plain scores stay the
+        # headline, comparable with runs before it
+        pp = result["postprocessing"] = {"chosen_on": f"validation fold ({len(val_ids)} cases, original resolution)"}
+        if msd is not None:
+            msd_val = evaluate_medsegdiff(msd_root, train_dl, {**common, **main_variant}, eval_extra,
+                                          f"evaluation{sampling_tag}{blended}_validation")
+            pp["medsegdiff"] = postprocessing_result(msd_val, msd)
+            result["dice_medsegdiff_postprocessed"] = pp["medsegdiff"]["dice"]
+        if base is not None:
+            base_val = evaluate_dynunet(base_root, cases(val_ids), args, topology, device, "validation")
+            pp["baseline"] = postprocessing_result(base_val, base)
+            result["dice_baseline_postprocessed"] = pp["baseline"]["dice"]
+        if msd is not None and base is not None:
+            import pandas as pd
+
+            pp["medsegdiff_minus_baseline"] = paired_stats(
+                *(pd.Series(pp[k]["dice_per_case"]) for k in ("baseline", "medsegdiff")), "dice",
+                ("the baseline's post-processed Dice", "MedSegDiff-V2's post-processed Dice"))
     result["train_minutes"] = {"budget": training_budget(args), "medsegdiff": msd_minutes,
                                "baseline": result.get("train_minutes_baseline")}
     if msd is not None and not args.skip_baseline:  # paired by case: a gap read against the case-to-case spread
@@ -969,16 +1047,7 @@ def main(argv=None) -> int:
             result[key][v] = score_variant(root, settings, minutes)
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
-    date = result["date"]
-    if args.out:
-        out_json = Path(args.out)
-    elif args.smoke:
-        out_json = out / f"quality_{device_slug(device)}_{date}.json"
-    else:
-        from medsegdiff_bundle.utils import unused_path
-
-        # a second run on the same day must not replace the committed results of the first
-        out_json = unused_path(_ROOT / "benchmarks" / "results" / f"quality_{device_slug(device)}_{date}.json")
+    result.pop("partial", None)
     write_json(out_json, result)
 
     def fmt(x):
@@ -1009,6 +1078,16 @@ def main(argv=None) -> int:
 
     def row(name: str, r: dict) -> None:
         print(f"{name:<44}{fmt(r['dice']):>8}{fmt(r['iou']):>8}{fmt(r['hd95']):>10}")
+
+    from medsegdiff_bundle.evaluation import plan_summary
+
+    for key, name in (("medsegdiff", "MedSegDiff-V2"), ("baseline", "DynUNet")):
+        if key in result.get("postprocessing", {}):
+            r = result["postprocessing"][key]
+            print(f"{name} post-processing: {plan_summary({'steps': r['steps'], 'scores': r['validation']})}; test "
+                  f"Dice {fmt(r['dice'])} "
+                  f"({r['minus_raw']['mean']:+.4f} per case, higher on {r['minus_raw']['cases_higher']} and lower "
+                  f"on {r['minus_raw']['cases_lower']} of {r['minus_raw']['cases']})")
 
     if "ensemble_only" in result:
         row("  the ensemble alone (no anchor)", result["ensemble_only"])

@@ -106,7 +106,8 @@ def test_split_file_is_names_only_and_follows_its_rule():
 @pytest.mark.skipif(not (KVASIR / "images").is_dir(), reason="Kvasir-SEG not in ../shared/data")
 def test_quality_benchmark_smoke(tmp_path):
     start = time.monotonic()
-    SAME_TRAINING = ["--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2"]  # the reruns resume it
+    # the reruns resume it; the post-processing choice is off by default, and it is tested here
+    SAME_TRAINING = ["--smoke", "--output", str(tmp_path), "--iterations-per-epoch", "2", "--postprocessing", "select"]
 
     def run_script(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(SCRIPT), *SAME_TRAINING, *extra], cwd=REPO, capture_output=True,
@@ -123,6 +124,7 @@ def test_quality_benchmark_smoke(tmp_path):
     for key in ("dice_medsegdiff", "dice_baseline", "iou_medsegdiff", "iou_baseline"):
         assert 0.0 <= res[key] <= 1.0, (key, res[key])
     assert res["steps"] == 2 and res["ensemble"] == 2 and res["split"]["num_test"] == 4
+    assert "partial" not in res  # the early write, made before post-processing, was replaced by the complete one
     assert res["amp_bf16"] is False  # the smoke run trains and samples both models in fp32
     assert res["split"]["file"] == "benchmarks/splits/kvasir_seg_split.json" and res["split"]["rule"]
     assert res["medsegdiff"]["cases"] == 4 and res["baseline"]["cases"] == 4
@@ -137,6 +139,22 @@ def test_quality_benchmark_smoke(tmp_path):
     assert sum(msd_cases.values()) / 4 == pytest.approx(res["dice_medsegdiff"], abs=1e-5)
     assert sum(base_cases.values()) / 4 == pytest.approx(res["dice_baseline"], abs=1e-5)
     assert sum(msd_cases[c] > base_cases[c] for c in msd_cases) == gap["cases_higher"]
+    # nnU-Net's post-processing, each model's own, chosen on the 2 validation cases and scored on the 4 test cases
+    # from their candidate tables; the validation cases are kept out of both models' training
+    pp = res["postprocessing"]
+    for key, raw in (("medsegdiff", res["dice_medsegdiff"]), ("baseline", res["dice_baseline"])):
+        assert pp[key]["validation"]["cases"] == 2 and len(pp[key]["dice_per_case"]) == 4
+        assert pp[key]["dice"] == pytest.approx(raw + pp[key]["minus_raw"]["mean"], abs=1e-5)
+        if not pp[key]["steps"]:
+            assert pp[key]["dice"] == pytest.approx(raw, abs=1e-6)
+        assert res[f"dice_{key}_postprocessed"] == pp[key]["dice"]
+    # (paired from the per-case values, which the result file rounds to 5 decimals)
+    assert pp["medsegdiff_minus_baseline"]["mean"] == pytest.approx(pp["medsegdiff"]["dice"] - pp["baseline"]["dice"],
+                                                                    abs=1e-5)
+    plan = json.loads((tmp_path / "medsegdiff" / "eval" / "evaluation_mirror_validation" / "postprocessing.json")
+                      .read_text(encoding="utf-8"))
+    assert plan["steps"] == pp["medsegdiff"]["steps"]  # the bundle's own choice, as a user's evaluate.json makes it
+    assert json.loads((tmp_path / "dynunet" / "training.json").read_text(encoding="utf-8"))["num_cases"] == 10
     # fixed-length epochs reached the bundle (12 training cases at batch 4 would be 3 batches per pass)
     from medsegdiff_bundle.engine import latest_checkpoint, load_checkpoint
 
@@ -161,6 +179,7 @@ def test_quality_benchmark_smoke(tmp_path):
     assert proc2.returncode == 0, proc2.stdout[-4000:] + proc2.stderr[-4000:]
     res2 = json.loads(results[0].read_text(encoding="utf-8"))
     assert res2["dice_medsegdiff"] == res["dice_medsegdiff"] and res2["dice_baseline"] == res["dice_baseline"]
+    assert res2["postprocessing"] == res["postprocessing"]
     assert "Epoch:" not in proc2.stdout + proc2.stderr and "dynunet epoch" not in proc2.stdout
     traj = res2["trajectory"]
     assert traj["cases"] == 3 and len(traj["dice_per_step"]) == res2["steps"]
@@ -334,6 +353,7 @@ def test_ddpm_comparison_is_evaluated_in_parts_that_survive_interruption(tmp_pat
     import torch
 
     import medsegdiff_bundle.engine.workflow as workflow
+    from medsegdiff_bundle.evaluation import CANDIDATES
 
     quality = _load_script()
     root = tmp_path / "medsegdiff"
@@ -354,6 +374,9 @@ def test_ddpm_comparison_is_evaluated_in_parts_that_survive_interruption(tmp_pat
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"case": cases, "class": "class_1", "dice": [dice[c] for c in cases], "iou": 0.0,
                       "hd95": 1.0}).to_csv(Path(output_dir) / "metrics.csv", index=False)
+        # and, as MetricsTableHandler does, the largest-component candidates (here: the step changes nothing)
+        pd.DataFrame({"case": cases, "class": 1, **{n: [dice[c] for c in cases] for n in CANDIDATES}}).to_csv(
+            Path(output_dir) / quality.CANDIDATES_CSV, index=False)
 
     monkeypatch.setattr(workflow, "run_bundle", fake_run_bundle)
     ddpm = {"sampler": "ddpm", "steps": 1000, "ensemble": 5}
