@@ -158,6 +158,11 @@ def test_plan_files_and_their_errors(tmp_path):
         bad.write_text(json.dumps(content))
         with pytest.raises(ValueError, match=f"bad.json.*{field}"):
             load_postprocessing_plan(bad)
+    table = component_candidates(_map(LESION), _map(LESION), 3, "a")
+    for steps in ([{"labels": [1], "independent": True}, {"labels": [1, 2], "independent": False}],
+                  [{"labels": [1], "independent": False}]):
+        with pytest.raises(ValueError, match="foreground step must come first, once, over every class"):
+            dice_under_plan(table, {"steps": steps})
     with pytest.raises(ValueError, match="the candidate table lacks"):
         select_postprocessing(pd.DataFrame({"case": ["a"], "class": [1], "raw": [0.5]}))
 

@@ -3,7 +3,8 @@
 A segmentation model sometimes adds small islands away from the structure it found (a second polyp-like blob, a
 speck of tumour outside the brain). Removing all but the largest connected component fixes that, but it also
 deletes true second lesions, so nnU-Net decides it on the validation cases: first for the foreground as one
-region, then for each class on top of that decision, each kept only if it raises the mean Dice.
+region, then for each class on top of that decision, each kept only if it raises the mean Dice (here: by more than
+the fold's noise, :func:`select_postprocessing`).
 
 The decision needs no second inference pass. For every case and class, Dice is computed under the four variants a
 plan can produce, because the largest-component step of one class only sets that class's voxels to background and
@@ -154,10 +155,19 @@ def select_postprocessing(
 
 
 def dice_under_plan(table: pd.DataFrame, plan: dict[str, Any]) -> pd.Series:
-    """Each case's Dice (mean over classes) under ``plan``, from the cases' :func:`component_candidates` rows."""
+    """Each case's Dice (mean over classes) under ``plan``, from the cases' :func:`component_candidates` rows.
+
+    The plan must have :func:`select_postprocessing`'s form (the table holds no other variant): at most one
+    foreground step, first and over every class, then steps of single classes.
+    """
     _check_table(table, "the candidate table")
     steps = _checked_steps(plan, "the plan")
+    classes = sorted(int(c) for c in table["class"].unique())
     use_fg = any(not s["independent"] for s in steps)
+    if use_fg and (steps[0]["independent"] or sorted(steps[0]["labels"]) != classes
+                   or any(not s["independent"] for s in steps[1:])):
+        raise ValueError(f"the plan {steps} cannot be scored from the candidate table: its foreground step must come "
+                         f"first, once, over every class {classes}.")
     own = {c for s in steps if s["independent"] for c in s["labels"]}
     column = [("foreground+per_class" if c in own else "foreground") if use_fg
               else ("per_class" if c in own else "raw") for c in table["class"]]
@@ -199,7 +209,8 @@ def plan_transforms(plan: str | Path | dict | None, key: str = "pred") -> list[K
 def plan_summary(plan: dict[str, Any]) -> str:
     """One line for logs: what the plan does and the Dice of the cases that chose it, before and after."""
     val = plan.get("scores", {})
-    what = "; ".join(f"keep the largest component of {'class' if s['independent'] else 'the foreground'} "
-                     f"{'/'.join(map(str, s['labels']))}" for s in plan["steps"]) or "no post-processing"
+    what = "; ".join(f"keep the largest component of class {s['labels'][0]}" if s["independent"] else
+                     f"keep the largest component of the foreground (classes {'/'.join(map(str, s['labels']))})"
+                     for s in plan["steps"]) or "no post-processing"
     before, after = val.get("dice_before", math.nan), val.get("dice_after", math.nan)
     return f"{what} (Dice {before:.4f} -> {after:.4f} over the {val.get('cases', '?')} cases that chose it)"
