@@ -1047,7 +1047,6 @@ def main(argv=None) -> int:
             result[key][v] = score_variant(root, settings, minutes)
 
     result["wall_minutes_this_run"] = (time.monotonic() - t0) / 60.0
-    result.pop("partial", None)
     write_json(out_json, result)
 
     def fmt(x):

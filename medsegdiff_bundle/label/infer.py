@@ -42,10 +42,10 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..data.datalist import strip_image_extension
 from ..data.transforms import build_postprocessing
-from ..evaluation.postprocessing import load_postprocessing_plan
 from ..diffusion.schedulers import SAMPLERS
 from ..engine.fastpath import bf16_is_fast
 from ..engine.inferer import DiffusionSegInferer
+from ..evaluation.postprocessing import load_postprocessing_plan
 from ..utils import as_bool, atomic_path
 from .bundle import bundle_parser, class_labels
 
