@@ -738,6 +738,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--x0-dice-weight", type=float, default=None,
                    help="MedSegDiff-V2 weight of the soft Dice on the predicted x0 (MedSegDiffLoss x0_dice_weight; "
                         "default: the bundle's)")
+    p.add_argument("--condition-warmup", type=float, default=None, metavar="F",
+                   help="MedSegDiff-V2: train the condition UNet alone for the first share F of the budget (the "
+                        "bundle's condition_warmup; default: the bundle's, 0)")
     p.add_argument("--baseline-lr", type=float, default=1e-3,
                    help="DynUNet AdamW learning rate (on MedSegDiff-V2's schedule, --lr-floor)")
     p.add_argument("--baseline-filters", type=int, nargs=2, default=[32, 320], metavar=("BASE", "MAX"),
@@ -840,6 +843,7 @@ def main(argv=None) -> int:
                    "learning_rate": args.lr, "iterations_per_epoch": args.iterations_per_epoch,
                    **({"timestep_power": args.timestep_power} if args.timestep_power is not None else {}),
                    **({"x0_dice_weight": args.x0_dice_weight} if args.x0_dice_weight is not None else {}),
+                   **({"condition_warmup": args.condition_warmup} if args.condition_warmup is not None else {}),
                    "val_interval": args.val_interval, "val_steps": 10 if not args.smoke else 2,
                    "synthetic_if_missing": False}
     eval_extra = {"sampler": args.sampler, "steps": args.steps, "ensemble": args.ensemble, "round_x0": args.round_x0}
@@ -865,6 +869,7 @@ def main(argv=None) -> int:
                   "num_validation": len(val_ids), "num_test": len(test_ids)},
         "size": args.size,
         "augmentation": args.augmentation,
+        "condition_warmup": args.condition_warmup or 0.0,
         "train_minutes_budget": training_budget(args),
         "train_epochs": args.epochs,
         "sampler": args.sampler,

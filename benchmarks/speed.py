@@ -244,12 +244,13 @@ def set_layout(args, network: MedSegDiffV2) -> torch.memory_format:
 
 def training_step(
     network: MedSegDiffV2, image: torch.Tensor, label: torch.Tensor, amp: bool, seed: int = 0,
-    num_train_timesteps: int = 1000, model=None,
+    num_train_timesteps: int = 1000, model=None, condition_only: bool = False,
 ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
     """The bundle's training step on one fixed batch, ``image (B, C, *S)`` and a checked ``label (B, 1, *S)``:
     ``diffusion_forward`` (DDPM timesteps, ``MedSegDiffLoss``) under bf16 autocast with ``amp``, backward, AdamW.
-    ``model`` (default ``network``) is what the forward calls, e.g. a compiled view. Returns ``step() -> loss`` and
-    the optimizer (``step`` holds it too)."""
+    ``model`` (default ``network``) is what the forward calls, e.g. a compiled view. ``condition_only``: the step of
+    a condition warm-up instead (the condition UNet alone on ``MedSegDiffLoss.condition_loss``, as
+    ``DiffusionTrainIteration`` runs it). Returns ``step() -> loss`` and the optimizer (``step`` holds it too)."""
     scheduler = make_scheduler("ddpm", num_train_timesteps)
     loss_fn = MedSegDiffLoss(network.num_classes)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
@@ -259,8 +260,11 @@ def training_step(
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=generator,
-                                     check_label=False)["loss"]
+            if condition_only:
+                loss = loss_fn.condition_loss(network.condition(image).logits, label, check_label=False)["loss"]
+            else:
+                loss = diffusion_forward(model, scheduler, loss_fn, image, label, generator=generator,
+                                         check_label=False)["loss"]
         loss.backward()
         optimizer.step()
         return loss

@@ -12,7 +12,8 @@ is the reference of the ``relative`` column):
 * ``--medsegdiff NAME CHANNELS [CONDITION_CHANNELS] [anchor=MODE] [semantic=MODE]``: MedSegDiff-V2 as the bundle
   trains it (``speed.py``'s ``training_step``: ``diffusion_forward`` with ``MedSegDiffLoss``, AdamW; channels-last on
   CPU), widths as comma lists, e.g. ``16,32,64,128``; ``anchor=`` / ``semantic=`` set the ablation switches of
-  ``MedSegDiffV2`` (e.g. ``semantic=none`` for U-SA without the SS-Former).
+  ``MedSegDiffV2`` (e.g. ``semantic=none`` for U-SA without the SS-Former); ``phase=condition`` times the step of
+  the bundle's condition warm-up instead (``condition_warmup``: the condition UNet alone on its anchor loss).
   ``--layouts`` times each in several layouts (see ``LAYOUTS``), e.g. ``--layouts bundle channels-last``.
 * ``--dynunet NAME BASE MAX``: ``benchmarks/quality.py``'s DynUNet baseline (nnU-Net-like topology for ``--size``,
   filters ``BASE`` doubling up to ``MAX``; DiceCE, AdamW, the default layout, as ``quality.py`` trains it).
@@ -55,8 +56,10 @@ def widths(text: str) -> tuple[int, ...]:
 LAYOUTS = ("bundle", "channels-last", "contiguous")
 
 
-#: the ``MedSegDiffV2`` switches a ``--medsegdiff`` configuration may set as ``KEY=VALUE``
-SWITCHES = ("anchor", "semantic")
+#: the ``MedSegDiffV2`` switches a ``--medsegdiff`` configuration may set as ``KEY=VALUE``, and the training phase
+#: (``phase=joint``, the default, or ``phase=condition``, a condition warm-up step)
+SWITCHES = ("anchor", "semantic", "phase")
+PHASES = ("joint", "condition")
 
 
 def medsegdiff_spec(spec: list[str]) -> tuple[tuple[int, ...], tuple[int, ...] | None, dict[str, str]]:
@@ -69,6 +72,8 @@ def medsegdiff_spec(spec: list[str]) -> tuple[tuple[int, ...], tuple[int, ...] |
     unknown = sorted(set(switches) - set(SWITCHES))
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown switch(es) {unknown}; known: {list(SWITCHES)}")
+    if switches.get("phase", "joint") not in PHASES:
+        raise argparse.ArgumentTypeError(f"phase must be one of {list(PHASES)}, got {switches['phase']!r}")
     return widths(sizes[0]), widths(sizes[1]) if len(sizes) > 1 else None, switches
 
 
@@ -82,6 +87,7 @@ def medsegdiff_step(spec: list[str], image, label, amp: bool, layout: str = "bun
     from medsegdiff_bundle.networks import MedSegDiffV2
 
     channels, condition, switches = medsegdiff_spec(spec)
+    condition_only = switches.pop("phase", "joint") == "condition"
     net = MedSegDiffV2(spatial_dims=2, in_channels=image.shape[1], num_classes=2, channels=channels,
                        condition_channels=condition, num_res_blocks=1, **switches).to(image.device).train()
     channels_last = layout == "channels-last" or (layout == "bundle" and image.device.type == "cpu")
@@ -91,7 +97,7 @@ def medsegdiff_step(spec: list[str], image, label, amp: bool, layout: str = "bun
         to_channels_last(net)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    step, _ = training_step(net, image, label, amp)  # the one speed.py times
+    step, _ = training_step(net, image, label, amp, condition_only=condition_only)  # the one speed.py times
     return step, sum(p.numel() for p in net.parameters())
 
 

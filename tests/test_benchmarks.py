@@ -3,6 +3,7 @@ plumbing of ``benchmarks/device/run.sh`` (the GPU session script)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -364,6 +365,31 @@ def test_step_cost_times_every_configuration_in_every_round(tmp_path):
                                capture_output=True, text=True)
     assert one_level.returncode != 0 and "configuration 'flat' (8):" in one_level.stderr
     assert "Traceback" not in one_level.stderr
+
+
+def test_the_condition_only_training_step_trains_the_condition_unet_alone(monkeypatch):
+    """``speed.training_step(condition_only=True)``, which ``step_cost.py``'s ``phase=condition`` times."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import speed
+    import step_cost
+
+    from medsegdiff_bundle.networks import MedSegDiffV2
+
+    torch.manual_seed(0)
+    image, label = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).long()
+    for condition_only in (True, False):
+        net = MedSegDiffV2(spatial_dims=2, in_channels=3, num_classes=2, channels=(8, 16))
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        step, _ = speed.training_step(net, image, label, amp=False, condition_only=condition_only)
+        step()
+        changed = {k.split(".")[0] for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+        assert "condition_unet" in changed
+        assert ("diffusion_unet" in changed) != condition_only, (condition_only, changed)
+    assert step_cost.medsegdiff_spec(["x", "8,16", "phase=condition"])[2] == {"phase": "condition"}
+    with pytest.raises(argparse.ArgumentTypeError, match="phase must be one of"):
+        step_cost.medsegdiff_spec(["x", "8,16", "phase=both"])
 
 
 def _weights_script():

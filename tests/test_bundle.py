@@ -175,10 +175,15 @@ def test_batch_inference_reports_a_corrupt_case_and_continues(trained_2d, tmp_pa
         assert (tmp_path / "out" / f"{p.stem}_seg.png").is_file()
 
 
-@pytest.mark.parametrize("epoch", [{}, {"iterations_per_epoch": 3}], ids=["one-pass-epochs", "fixed-length-epochs"])
+@pytest.mark.parametrize("epoch", [{}, {"iterations_per_epoch": 3}, {"condition_warmup": 0.5},
+                                   {"condition_warmup": 0.25, "iterations_per_epoch": 2}],
+                         ids=["one-pass-epochs", "fixed-length-epochs", "warm-up-ends-at-the-resume",
+                              "warm-up-ends-before-the-resume"])
 def test_exact_resume(tmp_path, epoch):
     """2 epochs straight == a run stopped after epoch 1 (as if killed) and resumed: model, EMA and optimizer match.
-    Also with nnU-Net-style fixed-length epochs (3 batches of 4 drawn from fewer training cases: cases repeat)."""
+    Also with nnU-Net-style fixed-length epochs (3 batches of 4 drawn from fewer training cases: cases repeat), and
+    with a condition warm-up that ends where the run resumes (the EMA restart happens after the resume) or inside
+    the first epoch (the checkpoint says it happened: no second restart)."""
     from ignite.engine import Events
 
     write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=9)
@@ -192,7 +197,7 @@ def test_exact_resume(tmp_path, epoch):
     interrupted.run()
     stopped = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "models"))["trainer"]
     assert stopped["iteration"] == stopped["epoch_length"]  # one epoch done
-    if epoch:
+    if "iterations_per_epoch" in epoch:
         assert stopped["epoch_length"] == epoch["iterations_per_epoch"]
     run_workflow("train", "train", tmp_path / "resumed", **{**common, "resume": True})
 
@@ -204,6 +209,7 @@ def test_exact_resume(tmp_path, epoch):
             assert torch.equal(value, b[part][key]), (part, key)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     assert a["lr_scheduler"] == b["lr_scheduler"]
+    assert a["condition_warmup"] == b["condition_warmup"] == {"ended": "condition_warmup" in epoch}
 
 
 def _chain(error: BaseException) -> str:

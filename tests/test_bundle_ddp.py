@@ -42,7 +42,7 @@ PROBE = {
 }
 
 
-def _torchrun(root: Path, probe: Path) -> subprocess.CompletedProcess:
+def _torchrun(root: Path, probe: Path, *extra: str) -> subprocess.CompletedProcess:
     configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(probe)]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
@@ -51,17 +51,20 @@ def _torchrun(root: Path, probe: Path) -> subprocess.CompletedProcess:
         "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
         "--bundle_root", str(root),
         "--max_epochs", "2", "--val_interval", "1", "--channels", "[8,16,32]", "--patch_size", "[32,32]",
-        "--batch_size", str(BATCH), "--num_workers", "0", "--val_steps", "3",
+        "--batch_size", str(BATCH), "--num_workers", "0", "--val_steps", "3", *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=env)
 
 
-def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):
+@pytest.mark.parametrize("warmup", ["0.0", "0.5"], ids=["joint", "condition-warm-up"])
+def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path, warmup):
+    """With ``condition_warmup 0.5`` the first epoch trains the condition UNet outside DDP's forward, its gradients
+    averaged by the iteration: the ranks must stay identical through it and through the joint epoch after it."""
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps(PROBE), encoding="utf-8")
     root = tmp_path / "bundle"
-    out = _torchrun(root, probe)
+    out = _torchrun(root, probe, "--condition_warmup", warmup)
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-8000:])
 
     # rank 0 wrote the synthetic data once, and the checkpoints
@@ -83,6 +86,9 @@ def test_two_process_training_keeps_ranks_in_sync_and_shards_the_data(tmp_path):
     log = pd.read_csv(root / "eval" / "training_log.csv")  # rank 0 only (rank 1 must not clobber it)
     assert log.groupby("epoch").size().tolist() == [epoch_length, epoch_length]
     assert len(pd.read_csv(root / "eval" / "validation_log.csv")) == 2
+    warmed = warmup != "0.0"
+    assert ckpt["condition_warmup"] == {"ended": warmed}
+    assert log.loc[log["epoch"] == 1, "diffusion_loss"].isna().all() == warmed  # epoch 1 was the warm-up
 
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     inits = [torch.load(root / f"init{r}.pt", weights_only=True) for r in range(WORLD)]

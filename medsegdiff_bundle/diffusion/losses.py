@@ -42,7 +42,9 @@ class MedSegDiffLoss(nn.Module):
 
     ``forward(prediction, target (B, M, *S), anchor_logits (B, M, *S), label (B, 1, *S), timesteps (B,),
     x0_pred (B, M, *S) | None, check_label=True)`` returns a dict with ``loss`` (to back-propagate), ``diffusion``
-    and ``anchor`` (detached, for logging), and ``x0_dice`` when that term is on.
+    and ``anchor`` (detached, for logging), and ``x0_dice`` when that term is on. :meth:`condition_loss` is the
+    anchor term alone, for the condition UNet trained without the denoiser (:class:`~medsegdiff_bundle.engine.
+    ConditionWarmup`).
     """
 
     def __init__(
@@ -69,6 +71,19 @@ class MedSegDiffLoss(nn.Module):
         # x0_to_probs already yields probabilities: the foreground channel (binary) or all K classes
         self.x0_dice_loss = DiceLoss(to_onehot_y=not binary)
 
+    def _anchor_target(self, label: torch.Tensor) -> torch.Tensor:
+        """The label as the anchor loss takes it: the float foreground map (binary) or the class indices."""
+        return label.float() if self.num_classes == 2 else label
+
+    def condition_loss(
+        self, anchor_logits: torch.Tensor, label: torch.Tensor, check_label: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The anchor's Dice + ``beta`` CE on every sample (no timestep, so no ``alpha`` indicator): ``anchor_logits
+        (B, M, *S)``, ``label (B, 1, *S)`` -> ``{"loss", "anchor"}`` (``anchor`` detached, for logging)."""
+        label = validate_label(label, self.num_classes) if check_label else label.long()
+        anchor = self.anchor_loss(anchor_logits.float(), self._anchor_target(label))
+        return {"loss": anchor, "anchor": anchor.detach()}
+
     def forward(
         self,
         prediction: torch.Tensor,
@@ -81,7 +96,7 @@ class MedSegDiffLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         label = validate_label(label, self.num_classes) if check_label else label.long()
         diffusion_loss = F.mse_loss(prediction.float(), target.float())
-        anchor_target = label.float() if self.num_classes == 2 else label
+        anchor_target = self._anchor_target(label)
         if self.alpha == 1:  # every sample is supervised: no indicator to read back from the device
             anchor = self.anchor_loss(anchor_logits.float(), anchor_target)
         else:

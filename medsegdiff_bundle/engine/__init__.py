@@ -23,7 +23,8 @@ from .handlers import (
     resume_from_latest,
 )
 from .inferer import DiffusionSegInferer
-from .schedule import ProgressCosineLR, cosine_annealed
+from .schedule import ProgressCosineLR, cosine_annealed, run_progress
+from .warmup import ConditionWarmup
 from .iteration import DiffusionTrainIteration, EMAUpdateHandler, EpochSeedHandler, samples_per_epoch
 from .workflow import BUNDLE_CONFIGS, bundle_workflow, run_bundle
 
@@ -31,6 +32,7 @@ __all__ = [
     "BUNDLE_CONFIGS",
     "COMPILE_MODES",
     "CompiledNetwork",
+    "ConditionWarmup",
     "DiffusionSegInferer",
     "DiffusionTrainIteration",
     "EMAModel",
@@ -56,6 +58,7 @@ __all__ = [
     "replays_cudagraphs",
     "resume_from_latest",
     "run_bundle",
+    "run_progress",
     "samples_per_epoch",
     "to_channels_last",
     "unwrap_model",

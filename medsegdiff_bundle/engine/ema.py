@@ -46,6 +46,11 @@ class EMAModel(nn.Module):
         n = int(self.num_updates)
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
+    def restart(self) -> None:
+        """Start the decay's warm-up again, so the next updates follow the model closely (a model part that starts
+        training late, as the denoiser after a condition warm-up, would otherwise stay tied to its initial weights)."""
+        self.num_updates.zero_()
+
     def _tensor_pairs(self, source: nn.Module) -> tuple[list, list, list]:
         """``(averaged, current, buffer pairs)`` for ``source``. The ``Parameter`` objects are kept, not their data:
         ``module.to()`` and ``load_state_dict`` change a parameter's data in place, so the lists stay valid; a new

@@ -290,7 +290,7 @@ class MetricsTableHandler:
 
 
 # checkpoint entries that a checkpoint of an earlier bundle version may lack; resuming goes on without them
-OPTIONAL_CHECKPOINT_KEYS = ("time_budget",)
+OPTIONAL_CHECKPOINT_KEYS = ("time_budget", "condition_warmup")
 
 
 def resume_from_latest(trainer: Any, ckpt_dir: str | Path, load_dict: dict, map_location: Any = None) -> str | None:
@@ -315,7 +315,7 @@ def resume_from_latest(trainer: Any, ckpt_dir: str | Path, load_dict: dict, map_
         missing = [k for k in optional if k not in saved]
         if missing:
             log.warning(f"{path} has no {missing} (an earlier bundle version): resuming without it; a time budget "
-                        "then starts anew.")
+                        "then starts anew, a condition warm-up counts as not yet ended.")
             load_dict = {k: v for k, v in load_dict.items() if k not in missing}
     CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location).attach(trainer)
     log.info(f"resuming from {path}")

@@ -18,8 +18,9 @@ from ..diffusion.labels import validate_label
 from ..diffusion.losses import MedSegDiffLoss
 from ..diffusion.training import diffusion_forward
 from ..utils import as_bool
-from .ema import EMAModel
+from .ema import EMAModel, unwrap_model
 from .fastpath import channels_last_format, compile_training_calls, without_cudagraphs
+from .warmup import ConditionWarmup
 
 __all__ = ["DiffusionTrainIteration", "EMAUpdateHandler", "EpochSeedHandler", "samples_per_epoch"]
 
@@ -59,6 +60,25 @@ def _check_label_on_host(batchdata: Any, num_classes: int, prepare_batch: Callab
             raise ValueError(f"{err} Cases with a wrong label: {bad or list(map(str, files))}.") from err
         raise
     return True
+
+
+def _average_gradients_over_processes(network: torch.nn.Module) -> None:
+    """Average the gradients over the processes of a ``DistributedDataParallel`` network, in one all-reduce.
+
+    For a backward that did not go through DDP's forward (the condition warm-up calls the condition UNet alone, so
+    that the denoiser's parameters, which take no part, do not stall DDP's reducer); DDP's own hooks stay idle then.
+    A network that is not DDP-wrapped is left as it is.
+    """
+    if not isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        return
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
 
 
 def samples_per_epoch(iterations_per_epoch: int | None, batch_size: int) -> int | None:
@@ -111,6 +131,9 @@ class DiffusionTrainIteration:
             the training step its fused kernels.
         timestep_power: shape of the training timestep distribution, density ``~ t ** (power - 1)`` (1 = uniform;
             see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
+        condition_warmup: optional :class:`~medsegdiff_bundle.engine.ConditionWarmup`. Its warm-up iterations run
+            the condition UNet alone, on :meth:`MedSegDiffLoss.condition_loss`, eagerly also with ``compile``; the
+            denoiser's parameters get no gradient. Under DDP their gradients are averaged over the processes here.
 
     Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
     the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch
@@ -120,7 +143,8 @@ class DiffusionTrainIteration:
     batch is copied to the device, whenever the trainer uses MONAI's ``default_prepare_batch``: checked on a GPU, the
     result would have to be read back, and the host would wait for the GPU at every iteration.
 
-    The trainer output holds ``image``, ``label``, ``loss`` and the two loss terms ``diffusion_loss``/``anchor_loss``.
+    The trainer output holds ``image``, ``label``, ``loss`` and the loss terms ``diffusion_loss``/``anchor_loss`` (and
+    ``x0_dice_loss`` when that term is on); a warm-up iteration has ``loss`` and ``anchor_loss`` only.
     """
 
     def __init__(
@@ -135,6 +159,7 @@ class DiffusionTrainIteration:
         compile_backend: str = "inductor",
         compile_mode: str = "default",
         timestep_power: float = 1.0,
+        condition_warmup: ConditionWarmup | None = None,
     ) -> None:
         if amp_dtype not in _AMP_DTYPES:
             raise ValueError(f"amp_dtype must be one of {tuple(_AMP_DTYPES)}, got {amp_dtype!r}.")
@@ -151,6 +176,7 @@ class DiffusionTrainIteration:
         if not float(timestep_power) > 0:
             raise ValueError(f"timestep_power must be > 0, got {timestep_power}.")
         self.timestep_power = float(timestep_power)
+        self.condition_warmup = condition_warmup
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -172,12 +198,17 @@ class DiffusionTrainIteration:
         last_of_cycle = in_epoch % accumulate == accumulate - 1 or in_epoch == int(engine.state.epoch_length or 1) - 1
         if first_of_cycle:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        warmup = self.condition_warmup is not None and self.condition_warmup.step(engine.state.iteration)
         with torch.autocast(device_type=device.type, dtype=self.amp_dtype, enabled=as_bool(engine.amp, "amp")):
-            network = engine.network if self._compiled is None else self._compiled(engine.network)
             # plain tensors: MetaTensor's __torch_function__ runs Python on every forward op (host time that a GPU
             # step cannot hide) and dynamo cannot trace it; the losses are the same numbers
-            losses = diffusion_forward(network, self.scheduler, self.loss_function, _plain(image), _plain(label),
-                                       generator, self.timestep_power, check_label=not checked)
+            if warmup:
+                logits = unwrap_model(engine.network).condition(_plain(image)).logits
+                losses = self.loss_function.condition_loss(logits, _plain(label), check_label=not checked)
+            else:
+                network = engine.network if self._compiled is None else self._compiled(engine.network)
+                losses = diffusion_forward(network, self.scheduler, self.loss_function, _plain(image), _plain(label),
+                                           generator, self.timestep_power, check_label=not checked)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = losses["loss"]
@@ -189,6 +220,8 @@ class DiffusionTrainIteration:
             backward_loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if last_of_cycle:
+            if warmup:
+                _average_gradients_over_processes(engine.network)
             if scaler is not None:
                 scaler.unscale_(engine.optimizer)
             if self.grad_clip and self.grad_clip > 0:
@@ -202,7 +235,7 @@ class DiffusionTrainIteration:
             Keys.IMAGE: image,
             Keys.LABEL: label,
             Keys.LOSS: loss.detach(),
-            "diffusion_loss": losses["diffusion"],
+            **({"diffusion_loss": losses["diffusion"]} if "diffusion" in losses else {}),
             "anchor_loss": losses["anchor"],
             **({"x0_dice_loss": losses["x0_dice"]} if "x0_dice" in losses else {}),
         }

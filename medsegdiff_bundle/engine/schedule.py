@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["BudgetProgress", "ProgressCosineLR", "cosine_annealed"]
+__all__ = ["BudgetProgress", "ProgressCosineLR", "cosine_annealed", "run_progress"]
 
 
 class BudgetProgress(Protocol):
@@ -27,6 +27,15 @@ class BudgetProgress(Protocol):
 
     def fraction(self) -> float:
         """The used share of the budget in ``[0, 1]`` (``0`` without a budget)."""
+
+
+def run_progress(iterations: int, total_iterations: int, budget: BudgetProgress | None = None) -> float:
+    """The share of a run done after ``iterations``, in ``[0, 1]``: ``max(iterations / total_iterations,
+    budget.fraction())``, so that whichever of the iteration count and the time budget ends the run first sets it."""
+    p = max(int(iterations), 0) / max(int(total_iterations), 1)
+    if budget is not None:
+        p = max(p, float(budget.fraction()))
+    return min(p, 1.0)
 
 
 def cosine_annealed(base_lr: float, eta_min: float, progress: float) -> float:
@@ -73,11 +82,8 @@ class ProgressCosineLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def progress(self) -> float:
-        """The share of the run done, in ``[0, 1]``."""
-        p = max(self.last_epoch, 0) / self.total_iterations
-        if self.budget is not None:
-            p = max(p, float(self.budget.fraction()))
-        return min(p, 1.0)
+        """The share of the run done, in ``[0, 1]`` (:func:`run_progress` of the steps taken)."""
+        return run_progress(self.last_epoch, self.total_iterations, self.budget)
 
     def get_lr(self) -> list[float]:
         p = self.progress()
