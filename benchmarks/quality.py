@@ -44,6 +44,7 @@ Example::
     python benchmarks/quality.py --minutes 10 --skip-medsegdiff                         # the baseline alone
     python benchmarks/quality.py --epochs 15 --lr-floor 1                               # equal iterations, constant lr
     python benchmarks/quality.py --minutes 10 --augmentation nnunet --output runs/quality_nnunet  # nnU-Net's DA
+    python benchmarks/quality.py --minutes 10 --skip-baseline --condition-warmup 0.5 --output runs/quality_warmup
     python benchmarks/quality.py --smoke --output /tmp/quality_smoke                   # CPU, < 90 s
 
 A command killed partway (e.g. at a 10-minute command limit) loses at most the epoch in progress: the same command
@@ -403,7 +404,11 @@ def training_progress(root: Path) -> tuple[int | None, int | None]:
 def loop_timing(root: Path) -> dict | None:
     """The bundle's training loop in ``root`` from ``eval/loop_timing.csv`` (:class:`LoopTimingHandler`): images per
     second and the share of the time spent waiting for the loader, over the epochs after the first (which includes
-    the workers' start and, under ``compile``, the compilation); ``None`` without the file."""
+    the workers' start and, under ``compile``, the compilation); ``None`` without the file.
+
+    A run with a condition warm-up (its ``eval/training_log.csv`` rows without a ``diffusion_loss``) also gets its
+    warm-up iterations and the images per second of its steady warm-up and joint epochs apart (the epoch of the
+    switch, which holds both, in neither)."""
     import pandas as pd
 
     path = root / "eval" / "loop_timing.csv"
@@ -411,11 +416,26 @@ def loop_timing(root: Path) -> dict | None:
         return None
     log = pd.read_csv(path)
     steady = log[log["epoch"] > log["epoch"].min()] if len(log) > 1 else log
+
+    def images_per_s(epochs: pd.DataFrame) -> float:
+        seconds = float(epochs["seconds"].sum())
+        return float(epochs["images"].sum()) / seconds if seconds > 0 else float("nan")
+
     seconds = float(steady["seconds"].sum())
-    return {"epochs": int(len(log)), "steady_epochs": int(len(steady)),
-            "images_per_s": float(steady["images"].sum()) / seconds if seconds > 0 else float("nan"),
-            "data_wait_fraction": float(steady["data_wait_seconds"].sum()) / seconds if seconds > 0 else float("nan"),
-            "first_epoch_s": float(log["seconds"].iloc[0])}
+    out = {"epochs": int(len(log)), "steady_epochs": int(len(steady)), "images_per_s": images_per_s(steady),
+           "data_wait_fraction": float(steady["data_wait_seconds"].sum()) / seconds if seconds > 0 else float("nan"),
+           "first_epoch_s": float(log["seconds"].iloc[0])}
+    iterations = root / "eval" / "training_log.csv"
+    if iterations.is_file():
+        rows = pd.read_csv(iterations)
+        warm = rows["diffusion_loss"].isna() if "diffusion_loss" in rows else pd.Series(True, index=rows.index)
+        if warm.any():
+            by_epoch = warm.groupby(rows["epoch"]).agg(["all", "any"])
+            warm_epochs, joint_epochs = by_epoch.index[by_epoch["all"]], by_epoch.index[~by_epoch["any"]]
+            out.update({"condition_warmup_iterations": int(warm.sum()),
+                        "warmup_images_per_s": images_per_s(steady[steady["epoch"].isin(warm_epochs)]),
+                        "joint_images_per_s": images_per_s(steady[steady["epoch"].isin(joint_epochs)])})
+    return out
 
 
 def evaluate_medsegdiff(root: Path, test_dl: Path, settings: dict, eval_extra: dict, name: str = "evaluation") -> dict:

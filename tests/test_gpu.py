@@ -344,19 +344,22 @@ def test_a_bundle_style_training_iteration_never_synchronises(tmp_path):
     assert all(math.isfinite(row["loss"]) for row in curves.rows)
 
 
-def test_the_bundle_training_loop_never_synchronises_once_warm(tmp_path):
+@pytest.mark.parametrize("condition_warmup", [0.0, 0.99], ids=["joint", "condition-warm-up"])
+def test_the_bundle_training_loop_never_synchronises_once_warm(tmp_path, condition_warmup):
     """``train.json`` itself on CUDA: the real loader's pinned MetaTensor batches, bf16, the EMA, loss-curve, loop
     timing and per-iteration learning-rate handlers, and the trainer's own handling of the iteration's output. A
     warm iteration (the third) never waits for the GPU. The test above builds its trainer by hand with
     ``decollate=False``; the bundle's trainer decollated by default, reading every loss back at every step, and its
-    loop trained at half the bare step's images per second on an H100."""
+    loop trained at half the bare step's images per second on an H100. With ``condition_warmup`` 0.99 all four
+    iterations are warm-up steps (the condition UNet alone), which must not wait either."""
     from medsegdiff_bundle.data import write_synthetic_dataset
     from tests.bundle_utils import workflow
 
     write_synthetic_dataset(tmp_path / "data", 8, (32, 32), seed=3)
     wf = workflow("train", "train", tmp_path, amp=True, patch_size=[32, 32], batch_size=2, max_epochs=1,
-                  iterations_per_epoch=4, val_interval=100, log_interval=100)
+                  iterations_per_epoch=4, val_interval=100, log_interval=100, condition_warmup=condition_warmup)
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.device.type == "cuda"
     _run_with_a_sync_free_iteration(trainer, wf.run)
     assert trainer.state.iteration == 4
+    assert wf.parser.get_parsed_content("condition_warmup_schedule").active(4) == (condition_warmup > 0)

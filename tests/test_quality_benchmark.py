@@ -89,6 +89,30 @@ def test_precision_is_the_devices_unless_asked(monkeypatch):
             assert quality.uses_bf16(quality.parse_args(["--precision", "fp32", *smoke]), cpu) is False
 
 
+def test_loop_timing_reports_the_warm_up_and_joint_epochs_apart(tmp_path):
+    """Epochs 1-3 are warm-up (no diffusion_loss), 4 holds the switch, 5-6 are joint; epoch 1 is left out as the
+    loader's start."""
+    import pandas as pd
+
+    quality = _load_script()
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    seconds = [9.0, 2.0, 2.0, 3.0, 4.0, 4.0]
+    pd.DataFrame({"epoch": range(1, 7), "images": [16] * 6, "seconds": seconds, "data_wait_seconds": [0.5] * 6}
+                 ).to_csv(eval_dir / "loop_timing.csv", index=False)
+    warm = [True] * 6 + [True, False] + [False] * 4  # two iterations per epoch
+    pd.DataFrame({"iteration": range(1, 13), "epoch": [e for e in range(1, 7) for _ in (0, 1)],
+                  "diffusion_loss": [float("nan") if w else 0.3 for w in warm]}
+                 ).to_csv(eval_dir / "training_log.csv", index=False)
+    loop = quality.loop_timing(tmp_path)
+    assert loop["condition_warmup_iterations"] == 7
+    assert loop["warmup_images_per_s"] == 32 / 4.0  # epochs 2 and 3
+    assert loop["joint_images_per_s"] == 32 / 8.0  # epochs 5 and 6
+    assert loop["images_per_s"] == 80 / 15.0
+    (eval_dir / "training_log.csv").write_text("iteration,epoch,diffusion_loss\n1,1,0.3\n", encoding="utf-8")
+    assert "condition_warmup_iterations" not in quality.loop_timing(tmp_path)
+
+
 def test_split_file_is_names_only_and_follows_its_rule():
     doc = json.loads(SPLIT.read_text(encoding="utf-8"))
     assert {"rule", "test_ids", "num_test", "num_cases"} <= set(doc)

@@ -133,7 +133,8 @@ class DiffusionTrainIteration:
             see :func:`medsegdiff_bundle.diffusion.training.sample_timesteps`).
         condition_warmup: optional :class:`~medsegdiff_bundle.engine.ConditionWarmup`. Its warm-up iterations run
             the condition UNet alone, on :meth:`MedSegDiffLoss.condition_loss`, eagerly also with ``compile``; the
-            denoiser's parameters get no gradient. Under DDP their gradients are averaged over the processes here.
+            denoiser's parameters get no gradient. Under DDP the iteration averages the warm-up's gradients over the
+            processes itself.
 
     Gradient accumulation follows the trainer's ``accumulation_steps`` (MONAI's ``SupervisedTrainer`` argument):
     the optimiser steps every ``accumulation_steps`` iterations and at the end of every epoch, so the effective batch

@@ -2,9 +2,9 @@
 
 Why: the condition UNet C is an nnU-Net-like segmenter on its own, and its anchor is what the denoiser D refines
 (D's validation Dice follows the anchor's within about 0.01 on Kvasir-SEG). A joint step runs C and D, and on a GPU
-D's many small kernels make it host-bound: on an H100 the bundle loop trained 184 img/s where a DynUNet of C's size
-trained 685, so in 10 minutes C saw 3400 batches against DynUNet's 12900 (32-320 filters, wider than C's 32-256).
-A C-only step costs about what a DynUNet step costs, so a warm-up buys C several times the batches per second, and D then trains on an anchor that is already
+D's many small kernels make it host-bound: on an H100 the bundle loop trained 184 img/s where the DynUNet baseline
+trained 685, so in 10 minutes C saw 3400 batches against DynUNet's 12900. A warm-up step runs C alone (on the 2-core
+CPU 0.56 of a joint step), so C sees more batches in the same time, and D then trains on an anchor that is already
 good. D's weights are untouched during the warm-up (their gradients stay ``None``, so AdamW leaves them and their
 moments alone), and the EMA restarts its warm-up at the switch, so that the averaged D is not tied to its untrained
 initial weights for thousands of iterations (an EMA of decay 0.999 keeps 13.5 % of a weight 2000 updates old).
