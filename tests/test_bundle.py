@@ -39,7 +39,7 @@ def trained_2d(tmp_path_factory):
 
 def test_training_writes_checkpoints_best_model_and_curves(trained_2d):
     ckpt = load_checkpoint(latest_checkpoint(trained_2d / "models"))
-    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "time_budget", "trainer"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "lr_scheduler", "time_budget", "condition_warmup", "trainer"}
     assert ckpt["time_budget"]["elapsed_s"] > 0  # the training time so far, for a resumed budget
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]  # both epochs
     assert int(ckpt["ema"]["num_updates"]) == ckpt["trainer"]["iteration"]
@@ -369,18 +369,19 @@ def test_a_resumed_time_budget_spends_what_is_left_and_the_rate_anneals_over_it(
 
 
 def test_resume_goes_on_from_a_checkpoint_without_the_time_budget(tmp_path, capfd):
-    """Checkpoints of bundle versions before the budget was saved lack ``time_budget``: resuming skips it (with a
-    warning) rather than failing."""
+    """Checkpoints of bundle versions before the budget was saved lack ``time_budget`` (and, before 0.11.0,
+    ``condition_warmup``): resuming skips them (with a warning) rather than failing."""
     write_synthetic_dataset(tmp_path / "data", 6, (32, 32), seed=8)
     common = {**TRAIN_2D, "max_epochs": 1, "val_interval": 100}
     run_workflow("train", "train", tmp_path, **common)
     path = latest_checkpoint(tmp_path / "models")
     old = load_checkpoint(path)
-    del old["time_budget"]
+    del old["time_budget"], old["condition_warmup"]
     torch.save(old, path)
     capfd.readouterr()
     run_workflow("train", "train", tmp_path, **{**common, "max_epochs": 2, "resume": True})
-    assert "has no ['time_budget']" in "".join(capfd.readouterr())  # the bundle's logging.conf writes to the console
+    # the bundle's logging.conf writes to the console
+    assert "has no ['time_budget', 'condition_warmup']" in "".join(capfd.readouterr())
     trainer = load_checkpoint(latest_checkpoint(tmp_path / "models"))["trainer"]
     assert trainer["iteration"] == 2 * trainer["epoch_length"]
 
